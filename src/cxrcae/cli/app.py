@@ -1,0 +1,108 @@
+"""The Typer application, its error rendering and the discovery of command modules.
+
+Each file in ``cxrcae/cli/commands/`` registers its commands on ``app``; they are imported here so that
+adding a command never means editing a shared file. Command modules must not import torch at module
+level: ``cxrcae --help`` has to answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from cxrcae import __version__
+from cxrcae.errors import CxrcaeError
+
+
+class CleanError(click.ClickException):
+    """Shown as one red line on stderr; no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        from cxrcae.cli.common import err_console
+
+        err_console.print(f"[bold red]Error:[/] {self.message}", highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """Turns core errors (and OS errors such as a full disk) into clean one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, typer.Exit):
+            raise
+        except CxrcaeError as exc:
+            raise CleanError(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise CleanError("interrupted", 130) from None
+        except OSError as exc:
+            raise CleanError(_describe_os_error(exc)) from None
+        except Exception as exc:  # a bug: keep the message short, the traceback on request
+            if os.environ.get("CXRCAE_DEBUG"):
+                raise
+            raise CleanError(
+                f"internal error: {type(exc).__name__}: {exc} (set CXRCAE_DEBUG=1 for the traceback)"
+            ) from None
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+app = typer.Typer(
+    name="cxrcae",
+    cls=_Group,
+    help="Chest X-ray autoencoder pretraining, fine-tuning, evaluation, prediction and sharing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxrcae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Chest X-ray autoencoder pretraining, fine-tuning, evaluation, prediction and sharing."""
+
+
+def _register_commands() -> None:
+    import cxrcae.cli.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point; usage errors exit 2, user errors 1."""
+    try:
+        app(prog_name="cxrcae")
+    except CxrcaeError as exc:  # raised outside a command (e.g. in a callback)
+        CleanError(str(exc), exc.exit_code).show()
+        sys.exit(exc.exit_code)

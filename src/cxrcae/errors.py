@@ -1,0 +1,32 @@
+"""One error type for everything a user can cause; the CLI turns it into a one-line message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CxrcaeError(Exception):
+    """A failure the user can act on (bad file, bad option, missing data); never a bug."""
+
+    exit_code = 1
+
+
+class ImageLoadError(CxrcaeError):
+    """A single file could not be turned into an image; batch commands report it and go on."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DataError(CxrcaeError):
+    """A dataset, manifest or splits file is malformed or unusable."""
+
+
+class CheckpointError(CxrcaeError):
+    """A checkpoint folder or Hub repo is missing, incompatible or has mismatched weights."""
+
+
+class DownloadError(CxrcaeError):
+    """A download failed, was cut, or did not match its checksum."""
