@@ -1,0 +1,40 @@
+"""Datasets and splits: records from folders or manifests, leak-free splits, and the torch Dataset.
+
+``XrayDataset`` is imported lazily so that reading or splitting a manifest never loads torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cxrcae.data.records import (
+    SPLITS,
+    UNLABELED,
+    Record,
+    class_names,
+    dataset_fingerprint,
+    load_records,
+    write_records,
+)
+
+__all__ = [
+    "SPLITS",
+    "UNLABELED",
+    "Record",
+    "XrayDataset",
+    "class_names",
+    "dataset_fingerprint",
+    "load_records",
+    "write_records",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxrcae.data.dataset import XrayDataset
+
+
+def __getattr__(name: str) -> Any:
+    if name == "XrayDataset":
+        from cxrcae.data.dataset import XrayDataset
+
+        return XrayDataset
+    raise AttributeError(f"module 'cxrcae.data' has no attribute {name!r}")

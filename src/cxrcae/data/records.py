@@ -1,0 +1,238 @@
+"""Datasets as plain records: read a class-folder tree or a manifest/splits CSV, write it back portably.
+
+A ``Record`` is one image with what we know about it (label, patient, source, split, other manifest
+columns). Everything downstream (splitting, datasets, training provenance) works on lists of records, so
+the on-disk layout is decided here and nowhere else. Missing files and malformed CSVs are caught at load
+time with one clear message, not deep inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrcae.errors import DataError
+
+UNLABELED = "UNLABELED"
+"""Manifest label meaning "no label"; read as ``None`` and written back as this string."""
+
+SPLITS = ("train", "val", "test")
+CORE_COLUMNS = ("path", "label", "patient_id", "source")
+SPLIT_COLUMN = "split"
+_SHOW = 5  # how many offending paths an error message lists
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image. ``label``/``patient_id``/``source``/``split`` are None when unknown."""
+
+    path: Path
+    label: str | None = None
+    patient_id: str | None = None
+    source: str | None = None
+    split: str | None = None
+    extra: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+
+
+def class_names(records: Iterable[Record]) -> list[str]:
+    """Sorted label names (unlabeled excluded): the stable index order saved with every model."""
+    return sorted({r.label for r in records if r.label is not None})
+
+
+def load_records(data: str | Path, *, labeled: bool = True) -> list[Record]:
+    """Read ``root/<CLASS>/**/image`` folders, a manifest CSV or a splits CSV into records.
+
+    With ``labeled=False`` any folder of images (searched recursively) is accepted and labels may be absent,
+    which is what autoencoder pretraining needs. Raises ``DataError`` naming the problem.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        records = _load_folder(path) if labeled else _load_unlabeled_folder(path)
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        records = _load_csv(path, labeled=labeled)
+    else:
+        kind = path.suffix or "extension-less"
+        raise DataError(f"{path}: expected a folder of images or a manifest .csv, got a {kind} file")
+    if not records:
+        raise DataError(f"{path}: no images found")
+    return records
+
+
+def _abspath(path: str | Path) -> Path:
+    """Absolute and normalised, but symlinks kept (a symlinked tree stays where the user put it)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _label(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return None if not value or value.upper() == UNLABELED else value
+
+
+def _optional(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return value or None
+
+
+def _load_folder(root: Path) -> list[Record]:
+    """``root/<CLASS>/**``: each visible sub-folder is a class; ``UNLABELED/`` holds unlabeled images."""
+    from cxrcae.io import IMAGE_EXTENSIONS, find_images
+
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    class_dirs = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        raise DataError(
+            f"{root}: {len(loose)} image(s) directly in the dataset root ({_preview(loose)}); expected "
+            "root/<CLASS>/image files (use an unlabeled load for a flat folder)"
+        )
+    records = []
+    for class_dir in class_dirs:
+        files, _ = find_images([class_dir], recursive=True)
+        label = _label(class_dir.name)
+        records += [Record(path=_abspath(f), label=label) for f in files]
+    if not records:
+        raise DataError(f"{root}: no class folders with images; expected root/<CLASS>/image files")
+    return records
+
+
+def _load_unlabeled_folder(root: Path) -> list[Record]:
+    from cxrcae.io import find_images
+
+    files, _ = find_images([root], recursive=True)
+    return [Record(path=_abspath(f)) for f in files]
+
+
+def _load_csv(csv_path: Path, *, labeled: bool) -> list[Record]:
+    base = _abspath(csv_path).parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            sample = f.read(8192)
+            f.seek(0)
+            delimiter = "\t" if "\t" in sample.split("\n", 1)[0] else ","
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: malformed CSV ({exc})") from None
+
+    required = ["path", "label"] if labeled else ["path"]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none"
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found})")
+
+    extra_columns = [c for c in columns if c not in CORE_COLUMNS and c != SPLIT_COLUMN and c]
+    records, absent, bad_splits = [], [], []
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            raise DataError(f"{csv_path}: line {line}: empty path")
+        path = Path(os.path.expanduser(raw))
+        path = _abspath(path if path.is_absolute() else base / path)
+        if not path.is_file():
+            absent.append(path)
+        split = _optional(row.get(SPLIT_COLUMN))
+        if split is not None and split not in SPLITS:
+            bad_splits.append(f"line {line}: {split!r}")
+        records.append(
+            Record(
+                path=path,
+                label=_label(row.get("label")),
+                patient_id=_optional(row.get("patient_id")),
+                source=_optional(row.get("source")),
+                split=split,
+                extra={c: row.get(c) or "" for c in extra_columns},
+            )
+        )
+    if absent:
+        raise DataError(
+            f"{csv_path}: {len(absent)} of {len(records)} listed file(s) not found: {_preview(absent)}"
+        )
+    if bad_splits:
+        raise DataError(
+            f"{csv_path}: split must be one of {', '.join(SPLITS)}; got {'; '.join(bad_splits[:_SHOW])}"
+            + (f" (and {len(bad_splits) - _SHOW} more)" if len(bad_splits) > _SHOW else "")
+        )
+    return records
+
+
+def _preview(paths: Sequence[Path]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_SHOW])
+    return shown + (f", ... ({len(paths) - _SHOW} more)" if len(paths) > _SHOW else "")
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """Relative (POSIX) when ``path`` is under ``folder``, so the CSV travels with its data; else absolute."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def write_records(records: Sequence[Record], path: str | Path) -> Path:
+    """Write records as a manifest/splits CSV, atomically (a crash never leaves half a file).
+
+    Columns: path, label, patient_id, source, every extra manifest column (first-seen order), then split
+    when any record has one. ``load_records`` reads the file back to equal records.
+    """
+    out = _abspath(path)
+    folder = out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    extra_columns: dict[str, None] = {}
+    for r in records:
+        extra_columns.update(dict.fromkeys(r.extra))
+    has_split = any(r.split is not None for r in records)
+    columns = [*CORE_COLUMNS, *extra_columns, *([SPLIT_COLUMN] if has_split else [])]
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            for r in records:
+                row = {
+                    "path": _relative_to(_abspath(r.path), folder),
+                    "label": r.label if r.label is not None else UNLABELED,
+                    "patient_id": r.patient_id or "",
+                    "source": r.source or "",
+                    **{c: r.extra.get(c, "") for c in extra_columns},
+                }
+                if has_split:
+                    row[SPLIT_COLUMN] = r.split or ""
+                writer.writerow(row)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def dataset_fingerprint(records: Iterable[Record]) -> str:
+    """sha256 over sorted (path relative to the records' common folder, label, split).
+
+    Saved with every trained model so a result can be tied to the exact data and split it saw, even after
+    the dataset folder has moved to another machine.
+    """
+    records = list(records)
+    if not records:
+        return hashlib.sha256(b"").hexdigest()
+    paths = [str(_abspath(r.path)) for r in records]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
+    rows = sorted(
+        "\t".join((Path(p).relative_to(common).as_posix(), r.label or UNLABELED, r.split or ""))
+        for p, r in zip(paths, records, strict=True)
+    )
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(row.encode("utf-8") + b"\n")
+    return digest.hexdigest()
