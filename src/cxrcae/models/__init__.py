@@ -1,0 +1,18 @@
+"""The paper's models: the convolutional autoencoder, its encoder, classification heads, checkpoints."""
+
+from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
+from cxrcae.models.classifier import CXRClassifier
+from cxrcae.models.factory import ARCHITECTURE, build_model, count_parameters
+from cxrcae.models.heads import HEADS, build_head
+
+__all__ = [
+    "ARCHITECTURE",
+    "CAEDecoder",
+    "CAEEncoder",
+    "CXRClassifier",
+    "ConvAutoencoder",
+    "HEADS",
+    "build_head",
+    "build_model",
+    "count_parameters",
+]

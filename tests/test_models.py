@@ -1,0 +1,107 @@
+"""Architecture facts at 224 px by shapes and parameter counts; behaviour at tiny sizes (timm style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxrcae.models import (
+    HEADS,
+    CAEDecoder,
+    CAEEncoder,
+    ConvAutoencoder,
+    CXRClassifier,
+    build_head,
+    count_parameters,
+)
+
+
+def test_paper_parameter_counts_at_224():
+    enc, dec = CAEEncoder(), CAEDecoder()
+    assert count_parameters(enc) == 3_947_712
+    assert count_parameters(dec) == 3_910_275
+    clf = CXRClassifier(CAEEncoder(), build_head("lstm", 3, 224))
+    # Keras reports 7,652,803; PyTorch's LSTM keeps a second bias vector: 4 gates x 512 = 2,048 more.
+    assert count_parameters(clf) == 7_652_803 + 2_048
+
+
+def test_paper_layer_counts_and_shapes_at_224():
+    enc = CAEEncoder()
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in enc.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 256, 512, 512] and len(pools) == 5
+    with torch.no_grad():
+        z = enc(torch.zeros(1, 3, 224, 224))
+        assert z.shape == (1, 512, 7, 7)
+        assert CAEDecoder()(z).shape == (1, 3, 224, 224)
+
+
+def test_decoder_last_layer_is_linear():
+    dec = CAEDecoder()
+    last = list(dec.stages.children())[-1]
+    assert isinstance(last, torch.nn.ConvTranspose2d)
+    # negative outputs are possible only without a final ReLU
+    with torch.no_grad():
+        out = dec(torch.randn(2, 512, 2, 2))
+    assert (out < 0).any()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_autoencoder_shapes_and_gradients(size):
+    torch.manual_seed(0)
+    cae = ConvAutoencoder()
+    x = torch.rand(2, 3, size, size)
+    out = cae(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    torch.nn.functional.mse_loss(out, x).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cae.parameters())
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_head_shape_no_nan_all_params_get_gradients(head, size):
+    torch.manual_seed(0)
+    clf = CXRClassifier(CAEEncoder(), build_head(head, 3, size)).train()
+    x = torch.rand(2, 3, size, size)
+    logits = clf(x)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    missing = [n for n, p in clf.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_classifier_encoder_keys_are_the_autoencoders():
+    cae = ConvAutoencoder()
+    clf = CXRClassifier(CAEEncoder(), build_head("lstm", 3, 64))
+    cae_keys = {k for k in cae.state_dict() if k.startswith("encoder.")}
+    clf_keys = {k for k in clf.state_dict() if k.startswith("encoder.")}
+    assert cae_keys == clf_keys and len(cae_keys) == 12
+    clf.encoder.load_state_dict(cae.encoder.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(clf.forward_features(x), cae.encode(x))
+
+
+def test_bad_input_sizes_are_refused():
+    from cxrcae.errors import CxrcaeError
+
+    with pytest.raises(ValueError, match="divisible by 32"):
+        CAEEncoder()(torch.zeros(1, 3, 40, 40))
+    with pytest.raises(CxrcaeError, match="divisible by 32"):
+        build_head("lstm", 3, 100)
+    with pytest.raises(CxrcaeError, match="unknown head"):
+        build_head("resnet", 3, 64)
+
+
+def test_transposed_conv_matches_keras_same_geometry():
+    """Keras 'same' stride-2 k=3: input pixel i lands on outputs 2i, 2i+1, 2i+2 (last one cropped)."""
+    from cxrcae.models.cae import KerasSameConvTranspose2d
+
+    layer = KerasSameConvTranspose2d(1, 1)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.zero_()
+        x = torch.zeros(1, 1, 3, 3)
+        x[0, 0, 0, 0] = 1.0
+        y = layer(x)[0, 0]
+    assert y.shape == (6, 6)
+    assert y[:3, :3].sum() == 9 and y.sum() == 9  # the 3x3 footprint starts at (0, 0)
