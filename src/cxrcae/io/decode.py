@@ -1,0 +1,77 @@
+"""``load_xray``: any supported file -> float32 HxW in [0, 1], bone bright. The one pixel contract."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cxrcae.errors import ImageLoadError
+from cxrcae.io.limits import DEFAULT_MAX_PIXELS, resolve_max_pixels
+from cxrcae.io.native import NativeImage
+
+
+def _sniff(path: Path) -> bytes:
+    """First 132 bytes, turning every file-system failure into a one-line ImageLoadError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.ENOENT:
+            reason = "no such file"
+        raise ImageLoadError(path, f"cannot read file ({reason})") from None
+    if not head:
+        raise ImageLoadError(path, "empty file")
+    return head
+
+
+def _is_dicom(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def decode_native(
+    path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, target_size: int | None = None
+) -> tuple[NativeImage | None, object]:
+    """(raster image, None) or (None, (dicom dataset, stored pixels)): what load_xray and pixel_hash share."""
+    path = Path(path)
+    limit = resolve_max_pixels(max_pixels)
+    head = _sniff(path)
+    if _is_dicom(head):
+        from cxrcae.io.dicom import read_dicom
+
+        return None, read_dicom(path, max_pixels=limit)
+    from cxrcae.io.raster import decode_raster
+
+    return decode_raster(path, max_pixels=limit, target_size=target_size), None
+
+
+def load_xray(
+    path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, target_size: int | None = None
+) -> np.ndarray:
+    """Decode an X-ray to float32 HxW in [0, 1] with bone bright (MONOCHROME2).
+
+    PNG (8/16-bit, any mode), JPEG (EXIF orientation applied), TIFF, BMP and DICOM (recognised by its
+    ``DICM`` magic, not its name). Colour becomes BT.601 luminance; integer images are divided by their
+    full scale (255 or 65535) so relative brightness is kept; DICOM follows its LUTs
+    (see ``cxrcae.io.dicom``).
+    ``target_size`` lets large JPEGs decode at reduced resolution (short side still >= target_size).
+    ``max_pixels`` (default 100 MP, or $CXRCAE_MAX_PIXELS; None = no limit) guards against decompression
+    bombs.
+    Raises ImageLoadError with a one-line reason for anything that is not a complete, supported image.
+    """
+    native, dicom = decode_native(path, max_pixels=max_pixels, target_size=target_size)
+    if native is not None:
+        return native.to_unit()
+    from cxrcae.io.dicom import dicom_to_unit
+
+    ds, raw = dicom
+    return dicom_to_unit(ds, raw)

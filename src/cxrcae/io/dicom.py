@@ -1,0 +1,119 @@
+"""DICOM to the pixel contract: modality LUT, VOI LUT or window, MONOCHROME1 inverted so bone is bright.
+
+Intensity mapping, in order:
+1. stored values (pydicom masks them to BitsStored; compressed syntaxes decode via pylibjpeg/gdcm);
+2. Modality LUT or RescaleSlope/Intercept (``apply_modality_lut``);
+3. if the file has a VOI LUT or a window (first one when several), ``apply_voi_lut`` and the VOI's own
+   output range defines black and white (values outside the window saturate);
+   otherwise min-max over the valid pixels (Pixel Padding Value pixels excluded, then set to black);
+4. MONOCHROME1 is inverted (1 - x) so the result always reads as MONOCHROME2.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cxrcae.errors import ImageLoadError
+from cxrcae.io.limits import check_pixels
+from cxrcae.io.native import LUMA, minmax
+
+
+def read_dicom(path: Path, *, max_pixels: int | None):
+    """Header and first-frame stored pixels; refuses oversized images before touching the pixel data."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageLoadError(path, f"unreadable DICOM header ({exc})") from None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise ImageLoadError(path, "DICOM file has no image (no Rows/Columns)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check_pixels(path, int(cols), int(rows), 1, max_pixels)
+    if frames > 1:
+        warnings.warn(f"{path}: multi-frame DICOM ({frames} frames); using the first frame", stacklevel=3)
+    try:
+        arr = pixel_array(path, index=0 if frames > 1 else None)
+    except (AttributeError, KeyError) as exc:
+        raise ImageLoadError(path, f"DICOM file has no pixel data ({exc})") from None
+    except NotImplementedError as exc:
+        raise ImageLoadError(path, f"unsupported DICOM transfer syntax ({exc})") from None
+    except (EOFError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        text = str(exc)
+        reason = "truncated image" if "truncat" in text.lower() or "end of" in text.lower() else "corrupt"
+        detail = text.splitlines()[0] if text else repr(exc)
+        raise ImageLoadError(path, f"{reason} DICOM pixel data ({detail})") from None
+    if arr.ndim == 3 and frames > 1:  # a decoder that ignored index
+        arr = arr[0]
+    return ds, np.ascontiguousarray(arr)
+
+
+def _has_voi_lut(ds) -> bool:
+    seq = ds.get("VOILUTSequence")
+    return bool(seq) and "LUTData" in seq[0]
+
+
+def _has_window(ds) -> bool:
+    return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+
+
+def dicom_to_unit(ds, raw: np.ndarray) -> np.ndarray:
+    """Map stored pixels to float32 [0, 1] bone-bright, as described in the module docstring."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if raw.ndim == 3:  # RGB (pydicom already converted YBR): luminance on the nominal BitsStored scale
+        bits = int(ds.get("BitsStored", 8) or 8)
+        unit = (raw.astype(np.float32) @ LUMA) / np.float32(2**bits - 1)
+        return np.ascontiguousarray(np.clip(unit, 0.0, 1.0), dtype=np.float32)
+
+    padding = _padding_mask(ds, raw)
+    values = apply_modality_lut(raw, ds).astype(np.float64, copy=False)
+    if _has_voi_lut(ds):
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        lo, hi = _lut_range(ds)
+        unit = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    elif _has_window(ds):
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=False).astype(np.float64)
+        # Probing far below/above the window yields exactly the output range it maps to.
+        lo, hi = apply_voi_lut(np.array([-1e300, 1e300]), ds, index=0, prefer_lut=False).tolist()
+        unit = (out - lo) / (hi - lo) if hi != lo else np.zeros_like(out)
+    elif padding is not None and padding.any() and not padding.all():
+        valid = values[~padding]
+        lo, hi = float(valid.min()), float(valid.max())
+        unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    else:
+        unit = minmax(values)
+    unit = np.clip(unit.astype(np.float32), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        unit = 1.0 - unit
+    if padding is not None:
+        unit[padding] = 0.0
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
+def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:
+    """Pixels marked as padding (outside the imaged area) by Pixel Padding Value [and Range Limit]."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", pad)
+    lo, hi = sorted((int(pad), int(limit)))
+    return (raw >= lo) & (raw <= hi)
+
+
+def _lut_range(ds) -> tuple[float, float]:
+    """Output range of the first VOI LUT: its smallest and largest entries."""
+    from pydicom.pixels import apply_voi_lut
+
+    item = ds.VOILUTSequence[0]
+    n_entries, first, _bits = (int(v) for v in item.LUTDescriptor)
+    n_entries = n_entries or 65536
+    probe = np.arange(first, first + n_entries, dtype=np.float64)
+    table = apply_voi_lut(probe, ds, index=0, prefer_lut=True).astype(np.float64)
+    return float(table.min()), float(table.max())

@@ -1,0 +1,82 @@
+"""PNG / JPEG / TIFF / BMP through Pillow: orientation, mode handling, bomb guard, strict truncation."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cxrcae.errors import ImageLoadError
+from cxrcae.io.limits import check_pixels
+from cxrcae.io.native import NativeImage, collapse_gray, split_alpha
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _truncated_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "truncated" in text.lower() or "premature" in text.lower() or isinstance(exc, EOFError):
+        return "truncated image"
+    return f"corrupt image ({text or type(exc).__name__})"
+
+
+def decode_raster(path: Path, *, max_pixels: int | None, target_size: int | None) -> NativeImage:
+    """Decode one raster file to its native pixels, refusing partial decodes and oversized images."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # another library switched it on globally; we never want half images
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        # Our own limit (checked below) decides; PIL's default limit must neither warn nor override it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise ImageLoadError(path, "not an image or unsupported format") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(path, f"image too large (decompression bomb guard: {exc})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageLoadError(path, _truncated_reason(exc)) from None
+        with img:
+            frames = 1  # only the first frame of multi-page TIFFs is decoded
+            check_pixels(path, img.width, img.height, frames, max_pixels)
+            if target_size and img.format == "JPEG" and min(img.size) >= 2 * target_size:
+                # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 directly; draft keeps both sides >= target_size.
+                img.draft(img.mode, (target_size, target_size))
+            try:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_native(img)
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise ImageLoadError(path, _truncated_reason(exc)) from None
+
+
+def _to_native(img: Image.Image) -> NativeImage:
+    mode = img.mode
+    if mode in _SIXTEEN_BIT:
+        return NativeImage(np.asarray(img).astype(np.uint16), None, 65535.0)
+    if mode in {"I", "I;32", "I;32B"}:
+        arr = np.asarray(img)
+        if arr.size and arr.min() >= 0 and arr.max() <= 65535:  # older Pillow opens 16-bit PNG as "I"
+            return NativeImage(arr.astype(np.uint16), None, 65535.0)
+        return NativeImage(arr.astype(np.int32), None, None)
+    if mode == "F":
+        arr = np.asarray(img).astype(np.float32)
+        in_unit = arr.size and np.all(np.isfinite(arr)) and arr.min() >= 0.0 and arr.max() <= 1.0
+        return NativeImage(arr, None, 1.0 if in_unit else None)
+    if mode == "1":
+        img = img.convert("L")
+    elif mode in {"P", "PA"}:
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    elif mode in {"CMYK", "YCbCr", "LAB", "HSV", "RGBX"}:
+        img = img.convert("RGB")
+    elif mode in {"La", "RGBa"}:
+        img = img.convert(mode.upper())
+    arr = np.asarray(img)
+    alpha = None
+    if img.mode in {"LA", "RGBA"}:
+        arr, alpha = split_alpha(arr, 255)
+    elif img.mode not in {"L", "RGB"}:
+        raise ValueError(f"unsupported pixel mode {img.mode}")
+    return NativeImage(collapse_gray(np.ascontiguousarray(arr, dtype=np.uint8)), alpha, 255.0)
