@@ -1,0 +1,131 @@
+"""Where and how tensors run: device choice, mixed precision and seeding, decided in one place.
+
+Every command that runs a model resolves ``--device`` and ``--precision`` here, so "auto" means the same
+thing for training, evaluation, prediction and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+
+from cxrcae.errors import CxrcaeError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a clear error."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CxrcaeError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CxrcaeError(f"device {name!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise CxrcaeError(f"device {name!r} requested but only {count} CUDA device(s) are visible")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise CxrcaeError("device 'mps' requested but Apple MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise CxrcaeError(f"unsupported device {name!r}; use one of {', '.join(DEVICES)}")
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs at native speed on ``device`` (not merely emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN reports native bf16 only on CPUs with avx512_bf16 / AMX; elsewhere bf16 is slower than fp32.
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    if device.type == "mps":
+        return True
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32 (no autocast).
+
+    ``auto`` = bf16 where the hardware supports it natively, else fp32. fp16 needs a GPU: on CPU it is
+    refused with a clear error (CPU fp16 autocast is slow and gives no speed-up).
+    """
+    precision = (precision or "auto").strip().lower()
+    if precision not in PRECISIONS:
+        raise CxrcaeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if bf16_supported(device) else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not bf16_supported(device):
+            raise CxrcaeError("bf16 requested but this GPU does not support it; use --precision fp16 or fp32")
+        return torch.bfloat16
+    if device.type == "cpu":
+        raise CxrcaeError("fp16 autocast is only supported on GPUs; use --precision bf16 or fp32 on CPU")
+    return torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The ``--precision`` spelling of a resolved dtype, for configs and reports."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` for ``dtype``, or a no-op context when running in fp32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (all devices); with ``deterministic`` ask torch for reproducible kernels.
+
+    ``warn_only`` keeps GPU runs going where an op has no deterministic implementation.
+    """
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader workers: derive Python/NumPy seeds from torch's per-worker seed (itself seeded)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A private CPU generator (shuffling, samplers) so data order never depends on the global RNG."""
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return generator
