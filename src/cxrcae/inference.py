@@ -1,0 +1,126 @@
+"""Batched, streaming model input over arbitrary file paths, where a bad file is a row, not a crash.
+
+``iter_batches`` is what predict, reconstruct and embed share: a ``DataLoader`` (workers decode in parallel,
+memory stays flat however many paths there are) over ``cxrcae.io.load_for_model``. A file that cannot be
+decoded does not stop the run: it comes back in the batch's ``errors`` with its input index and a one-line
+reason, so callers can emit one output row per input, in input order.
+
+Contract::
+
+    for batch in iter_batches(paths, image_size=224, resize_mode="stretch", batch_size=32, num_workers=2):
+        batch.images   # float32 tensor (n_ok, 3, S, S) in [0, 1]; n_ok may be 0 when every file failed
+        batch.indices  # list[int]: position in ``paths`` of each image row
+        batch.paths    # list[str]: the matching paths
+        batch.errors   # list[(index, path, reason)] for the files of this batch that failed
+
+Batches arrive in input order and every index in ``range(len(paths))`` appears exactly once, either in
+``indices`` or in ``errors``. Within a batch, merging ``indices`` and ``errors`` by index restores order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cxrcae.errors import CxrcaeError, ImageLoadError
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch plus the files of that batch that failed."""
+
+    images: torch.Tensor
+    indices: list[int]
+    paths: list[str]
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.indices) + len(self.errors)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a file could not be used (no path: the row already names it)."""
+    if isinstance(exc, ImageLoadError):
+        return exc.reason
+    if isinstance(exc, CxrcaeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding"
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+class PathDataset(Dataset):
+    """Items ``(index, path, image | None, reason | None)``; decoding errors are caught in the worker."""
+
+    def __init__(self, paths: Sequence[str | Path], image_size: int, resize_mode: str = "stretch"):
+        self.paths = [str(p) for p in paths]
+        self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, str, torch.Tensor | None, str | None]:
+        from cxrcae.io import load_for_model
+
+        path = self.paths[index]
+        try:
+            image = load_for_model(path, self.image_size, mode=self.resize_mode)
+        except Exception as exc:  # any bad file becomes an error row; the run goes on
+            return index, path, None, failure_reason(exc)
+        return index, path, torch.from_numpy(image), None
+
+
+def collate_with_errors(items: list[tuple[int, str, Any, str | None]], image_size: int) -> Batch:
+    """Stack the images that decoded, keep (index, path, reason) for those that did not."""
+    ok = [(i, p, img) for i, p, img, reason in items if reason is None]
+    errors = [(i, p, reason) for i, p, img, reason in items if reason is not None]
+    if ok:
+        images = torch.stack([img for _, _, img in ok])
+    else:
+        images = torch.empty((0, 3, image_size, image_size), dtype=torch.float32)
+    return Batch(images, [i for i, _, _ in ok], [p for _, p, _ in ok], errors)
+
+
+class _Collate:
+    """Picklable collate (workers may be spawned)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, items):
+        return collate_with_errors(items, self.image_size)
+
+
+def iter_batches(
+    paths: Sequence[str | Path],
+    image_size: int,
+    resize_mode: str = "stretch",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """Yield ``Batch`` objects over ``paths`` in order (see the module docstring for the contract)."""
+    if batch_size < 1:
+        raise CxrcaeError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise CxrcaeError(f"number of workers must be >= 0, got {num_workers}")
+    dataset = PathDataset(paths, image_size, resize_mode)
+    if len(dataset) == 0:
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=min(num_workers, max(1, -(-len(dataset) // batch_size))) if num_workers else 0,
+        collate_fn=_Collate(int(image_size)),
+        pin_memory=pin_memory,
+    )
+    yield from loader
