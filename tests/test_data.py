@@ -249,7 +249,6 @@ def test_xray_dataset_items(tiny_labelled_folder):
 
 
 def test_xray_dataset_labels_transform_and_pad(tmp_path):
-
     wide = tmp_path / "wide.png"
     Image.fromarray(np.tile(np.linspace(0, 255, 40).astype(np.uint8), (10, 1))).save(wide)
     records = [
