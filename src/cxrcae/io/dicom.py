@@ -22,34 +22,42 @@ from cxrcae.io.native import LUMA, minmax
 
 
 def read_dicom(path: Path, *, max_pixels: int | None):
-    """Header and first-frame stored pixels; refuses oversized images before touching the pixel data."""
+    """Header and first-frame stored pixels; refuses oversized or truncated images before decoding."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import pixel_array
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageLoadError(path, f"unreadable DICOM header ({exc})") from None
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
+        if "TransferSyntaxUID" not in ds.get("file_meta", {}):
+            raise ImageLoadError(path, "truncated image (DICOM header cut short)")
         raise ImageLoadError(path, "DICOM file has no image (no Rows/Columns)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     check_pixels(path, int(cols), int(rows), 1, max_pixels)
+    if "PixelData" not in ds:
+        raise ImageLoadError(path, "DICOM file has no pixel data")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        expected = int(rows) * int(cols) * frames * spp * int(ds.get("BitsAllocated", 16)) // 8
+        got = len(ds.PixelData)
+        if got < expected:
+            raise ImageLoadError(path, f"truncated image (pixel data has {got} of {expected} bytes)")
     if frames > 1:
-        warnings.warn(f"{path}: multi-frame DICOM ({frames} frames); using the first frame", stacklevel=3)
+        warnings.warn(f"{path}: multi-frame DICOM ({frames} frames); using the first frame", stacklevel=4)
     try:
-        arr = pixel_array(path, index=0 if frames > 1 else None)
-    except (AttributeError, KeyError) as exc:
-        raise ImageLoadError(path, f"DICOM file has no pixel data ({exc})") from None
+        arr = pixel_array(ds, index=0 if frames > 1 else None)
     except NotImplementedError as exc:
         raise ImageLoadError(path, f"unsupported DICOM transfer syntax ({exc})") from None
-    except (EOFError, OSError, ValueError, RuntimeError, TypeError) as exc:
+    except (AttributeError, KeyError, EOFError, OSError, ValueError, RuntimeError, TypeError) as exc:
         text = str(exc)
         reason = "truncated image" if "truncat" in text.lower() or "end of" in text.lower() else "corrupt"
         detail = text.splitlines()[0] if text else repr(exc)
         raise ImageLoadError(path, f"{reason} DICOM pixel data ({detail})") from None
-    if arr.ndim == 3 and frames > 1:  # a decoder that ignored index
+    if arr.ndim == 3 and frames > 1 and arr.shape[0] == frames:  # a decoder that ignored index
         arr = arr[0]
     return ds, np.ascontiguousarray(arr)
 

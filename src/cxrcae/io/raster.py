@@ -13,6 +13,20 @@ from cxrcae.io.limits import check_pixels
 from cxrcae.io.native import NativeImage, collapse_gray, split_alpha
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+# Signatures of the formats we read: a file that starts like one but will not open was cut short.
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+
+
+class _UnsupportedMode(Exception):
+    pass
+
+
+def _unidentified_reason(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_SIGNATURES):
+        return "truncated image"
+    return "not an image or unsupported format"
 
 
 def _truncated_reason(exc: BaseException) -> str:
@@ -32,7 +46,7 @@ def decode_raster(path: Path, *, max_pixels: int | None, target_size: int | None
         try:
             img = Image.open(path)
         except UnidentifiedImageError:
-            raise ImageLoadError(path, "not an image or unsupported format") from None
+            raise ImageLoadError(path, _unidentified_reason(path)) from None
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(path, f"image too large (decompression bomb guard: {exc})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -47,6 +61,8 @@ def decode_raster(path: Path, *, max_pixels: int | None, target_size: int | None
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_native(img)
+            except _UnsupportedMode as exc:
+                raise ImageLoadError(path, f"unsupported pixel mode {exc}") from None
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise ImageLoadError(path, _truncated_reason(exc)) from None
 
@@ -78,5 +94,5 @@ def _to_native(img: Image.Image) -> NativeImage:
     if img.mode in {"LA", "RGBA"}:
         arr, alpha = split_alpha(arr, 255)
     elif img.mode not in {"L", "RGB"}:
-        raise ValueError(f"unsupported pixel mode {img.mode}")
+        raise _UnsupportedMode(img.mode)
     return NativeImage(collapse_gray(np.ascontiguousarray(arr, dtype=np.uint8)), alpha, 255.0)
