@@ -62,7 +62,8 @@ def ramp() -> np.ndarray:
 
 
 def test_monochrome2_minmax(tmp_path, ramp):
-    out = load_xray(make_dicom(tmp_path / "a.dcm", ramp) and tmp_path / "a.dcm")
+    make_dicom(tmp_path / "a.dcm", ramp)
+    out = load_xray(tmp_path / "a.dcm")
     assert out.dtype == np.float32 and out.shape == ramp.shape
     expected = (ramp - ramp.min()) / (ramp.max() - ramp.min())
     np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -137,7 +138,8 @@ def test_sniffed_by_magic_not_name(tmp_path, ramp):
     make_dicom(tmp_path / "scans" / "IM0001", ramp)
     make_dicom(tmp_path / "scans" / "disguised.png", ramp)
     (tmp_path / "scans" / "notes.txt").write_text("not an image")
-    ref = make_dicom(tmp_path / "ref.dcm", ramp) and load_xray(tmp_path / "ref.dcm")
+    make_dicom(tmp_path / "ref.dcm", ramp)
+    ref = load_xray(tmp_path / "ref.dcm")
     np.testing.assert_array_equal(load_xray(tmp_path / "scans" / "IM0001"), ref)
     np.testing.assert_array_equal(load_xray(tmp_path / "scans" / "disguised.png"), ref)
     files, skipped = find_images([tmp_path / "scans"])
