@@ -207,3 +207,39 @@ def test_no_warnings_for_single_frame(tmp_path, ramp):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_xray(tmp_path / "a.dcm")
+
+
+def test_voi_lut_sequence_defines_range(tmp_path):
+    from pydicom.sequence import Sequence
+
+    stored = (np.linspace(0, 4095, 40)[None, :] + np.zeros((30, 1))).astype(np.uint16)
+    lut = (np.sqrt(np.arange(4096) / 4095) * 200 + 20).astype(np.uint16)  # a curve, output 20..220
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", lut.tolist())
+    # The LUT takes precedence over the (nonsense) window also present.
+    make_dicom(
+        tmp_path / "lut.dcm", stored, VOILUTSequence=Sequence([item]), WindowCenter="5", WindowWidth="2"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = load_xray(tmp_path / "lut.dcm")
+    np.testing.assert_allclose(out, (lut[stored] - 20.0) / 200.0, atol=1e-6)
+
+
+def test_colour_dicom_becomes_luminance():
+    rgb = pydicom.dcmread(_testdata("SC_rgb.dcm")).pixel_array
+    out = load_xray(_testdata("SC_rgb.dcm"))
+    assert out.shape == rgb.shape[:2]
+    np.testing.assert_allclose(out, rgb @ np.array([0.299, 0.587, 0.114]) / 255.0, atol=1e-5)
+    np.testing.assert_allclose(load_xray(_testdata("SC_rgb_rle.dcm")), out, atol=1e-6)
+
+
+def test_unsupported_compression_is_one_line_error():
+    path = _testdata("JPEG-lossy.dcm")  # 12-bit JPEG Extended: gdcm and Pillow refuse it
+    try:
+        load_xray(path)
+    except ImageLoadError as exc:
+        assert "unsupported DICOM compression" in exc.reason and "\n" not in str(exc)
+    else:
+        pytest.skip("a decoder for 12-bit JPEG Extended is installed (e.g. pylibjpeg-libjpeg)")

@@ -53,13 +53,24 @@ def read_dicom(path: Path, *, max_pixels: int | None):
     except NotImplementedError as exc:
         raise ImageLoadError(path, f"unsupported DICOM transfer syntax ({exc})") from None
     except (AttributeError, KeyError, EOFError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        text = str(exc)
-        reason = "truncated image" if "truncat" in text.lower() or "end of" in text.lower() else "corrupt"
-        detail = text.splitlines()[0] if text else repr(exc)
-        raise ImageLoadError(path, f"{reason} DICOM pixel data ({detail})") from None
+        raise ImageLoadError(path, _decode_failure(ds, exc)) from None
     if arr.ndim == 3 and frames > 1 and arr.shape[0] == frames:  # a decoder that ignored index
         arr = arr[0]
     return ds, np.ascontiguousarray(arr)
+
+
+def _decode_failure(ds, exc: BaseException) -> str:
+    """One line from a decoder failure; pydicom lists each plugin's complaint on its own line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
+    detail = "; ".join(lines[1:] if len(lines) > 1 else lines)
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    low = detail.lower()
+    syntax = getattr(ds.file_meta.TransferSyntaxUID, "name", "unknown transfer syntax")
+    if "not support" in low or "no pixel data handler" in low or "missing required" in low:
+        return f"unsupported DICOM compression {syntax} ({detail})"
+    if "truncat" in low or "end of" in low or "insufficient" in low:
+        return f"truncated image ({detail})"
+    return f"corrupt DICOM pixel data ({syntax}: {detail})"
 
 
 def _has_voi_lut(ds) -> bool:
@@ -83,7 +94,8 @@ def dicom_to_unit(ds, raw: np.ndarray) -> np.ndarray:
     padding = _padding_mask(ds, raw)
     values = apply_modality_lut(raw, ds).astype(np.float64, copy=False)
     if _has_voi_lut(ds):
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        # A VOI LUT is indexed by integer modality values.
+        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True).astype(np.float64)
         lo, hi = _lut_range(ds)
         unit = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     elif _has_window(ds):
@@ -122,6 +134,6 @@ def _lut_range(ds) -> tuple[float, float]:
     item = ds.VOILUTSequence[0]
     n_entries, first, _bits = (int(v) for v in item.LUTDescriptor)
     n_entries = n_entries or 65536
-    probe = np.arange(first, first + n_entries, dtype=np.float64)
+    probe = np.arange(first, first + n_entries, dtype=np.int64)
     table = apply_voi_lut(probe, ds, index=0, prefer_lut=True).astype(np.float64)
     return float(table.min()), float(table.max())
