@@ -13,9 +13,13 @@ import pkgutil
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.29 ships its own copy of click; its exceptions are the ones to catch
+    import typer._click as click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click
 
 from cxrcae import __version__
 from cxrcae.errors import CxrcaeError
@@ -39,8 +43,15 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            return self._invoke(ctx)
+        except CleanError as exc:  # typer would draw a boxed panel; one line is what users asked for
+            exc.show()
+            raise typer.Exit(exc.exit_code) from None
+
+    def _invoke(self, ctx: click.Context) -> Any:
+        try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, typer.Exit):
+        except (click.ClickException, typer.Abort, typer.Exit):
             raise
         except CxrcaeError as exc:
             raise CleanError(str(exc), exc.exit_code) from None
