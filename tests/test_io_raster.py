@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -191,3 +192,14 @@ def test_permission_denied(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_module, "open", denied, raising=False)
     with pytest.raises(ImageLoadError, match="permission denied"):
         load_xray(tmp_path / "x.png")
+
+
+def test_pil_bomb_limit_defers_to_ours(tmp_path, gray8, monkeypatch):
+    path = _save(tmp_path, gray8, "g.png")  # 864 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # PIL would warn: ours (100 MP) decides, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_xray(path).shape == gray8.shape
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL raises DecompressionBombError above 2x
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_xray(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cxrcae.errors import CxrcaeError, ImageLoadError
@@ -116,3 +118,18 @@ def test_pixel_hash_lossy_jpeg_is_not_png(tmp_path):
     with pytest.raises(ImageLoadError, match="empty file"):
         (tmp_path / "e.png").write_bytes(b"")
         pixel_hash(tmp_path / "e.png")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 70),
+    w=st.integers(1, 70),
+    size=st.integers(1, 48),
+    mode=st.sampled_from(["stretch", "pad"]),
+    seed=st.integers(0, 2**16),
+)
+def test_resize_contract_any_shape(h, w, size, mode, seed):
+    img = np.random.default_rng(seed).random((h, w), dtype=np.float32)
+    out = resize_xray(img, size, mode)
+    assert out.shape == (size, size) and out.dtype == np.float32
+    assert np.all(np.isfinite(out)) and out.min() >= 0.0 and out.max() <= 1.0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrcae.io.decode import decode_native
+from cxrcae.io.limits import DEFAULT_MAX_PIXELS
 
 
 def _feed(h, name: str, arr: np.ndarray) -> None:
@@ -18,13 +19,14 @@ def _feed(h, name: str, arr: np.ndarray) -> None:
     h.update(arr.tobytes())
 
 
-def pixel_hash(path: str | Path) -> str:
+def pixel_hash(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str:
     """sha256 hex of the decoded pixels at native precision (dtype and shape included).
 
     Raster files hash their oriented pixels after dropping a fully opaque alpha channel and collapsing
-    gray-stored-as-RGB to one channel; DICOM hashes the stored values of its first frame.
+    gray-stored-as-RGB to one channel; DICOM hashes the stored values of its first frame. The same pixel
+    limit as load_xray applies. Raises ImageLoadError.
     """
-    native, dicom = decode_native(path, max_pixels=None)
+    native, dicom = decode_native(path, max_pixels=max_pixels)
     h = hashlib.sha256()
     if native is not None:
         _feed(h, "pixels", native.pixels)
