@@ -124,3 +124,37 @@ def iter_batches(
         pin_memory=pin_memory,
     )
     yield from loader
+
+
+def load_for_inference(model: Any, device: torch.device, kind: str = "classifier") -> tuple[Any, dict]:
+    """A checkpoint folder / Hub id, or a model from ``load_model`` -> (model on device in eval mode, config).
+
+    Refuses a checkpoint of the wrong kind with a message saying which command fits it.
+    """
+    from torch import nn
+
+    from cxrcae.errors import CheckpointError
+    from cxrcae.models.checkpoint import load_checkpoint
+
+    if isinstance(model, nn.Module):
+        config = getattr(model, "cxrcae_config", None)
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                "a model object needs its config: load it with cxrcae.load_model(...) or pass the folder"
+            )
+        net = model.to(device).eval()
+    else:
+        net, config = load_checkpoint(model, device)
+    if config.get("kind") != kind:
+        hint = {
+            "classifier": "this needs a fine-tuned classifier (cxrcae finetune); for an autoencoder use "
+            "`cxrcae reconstruct`",
+            "autoencoder": "this needs an autoencoder checkpoint (cxrcae pretrain); for a classifier use "
+            "`cxrcae predict`",
+        }.get(kind, "")
+        raise CheckpointError(f"{_name(model)} is a {config.get('kind')} checkpoint; {hint}")
+    return net, config
+
+
+def _name(model: Any) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "the model"

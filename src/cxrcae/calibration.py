@@ -1,0 +1,91 @@
+"""Temperature scaling (Guo et al. 2017): one scalar T that divides the logits, fitted on validation data.
+
+It never changes which class wins, only how confident the model claims to be, so accuracy and AUC are
+untouched while the expected calibration error and NLL usually drop. The fitted T is stored in the model's
+``config.json`` as ``"temperature"`` (with how it was fitted under ``"calibration"``); prediction and
+evaluation divide logits by it whenever it is present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrcae.errors import CheckpointError, CxrcaeError
+
+MIN_T, MAX_T = 0.05, 20.0
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable softmax of ``logits / temperature`` along the last axis."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising validation NLL (convex in log T, so golden-section search)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(labels) != len(logits):
+        raise CxrcaeError(f"expected (n, classes) logits and n labels, got {logits.shape} and {len(labels)}")
+    if len(labels) < 2:
+        raise CxrcaeError("temperature scaling needs at least 2 labelled validation images")
+    lo, hi = np.log(MIN_T), np.log(MAX_T)
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(logits, labels, np.exp(a)), nll(logits, labels, np.exp(b))
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(logits, labels, np.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(logits, labels, np.exp(b))
+    return float(np.exp((lo + hi) / 2.0))
+
+
+def model_temperature(config: dict[str, Any]) -> float:
+    """The temperature a checkpoint asks for (1.0 when never calibrated)."""
+    value = config.get("temperature", 1.0)
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json temperature must be a number, got {value!r}") from None
+    if not (t > 0 and np.isfinite(t)):
+        raise CheckpointError(f"config.json temperature must be a positive number, got {value!r}")
+    return t
+
+
+def store_temperature(model_dir: str | Path, temperature: float, info: dict[str, Any]) -> Path:
+    """Write ``temperature`` (+ ``calibration`` provenance) into a local checkpoint's config.json, atomically.
+
+    The weights are untouched, so ``weights_sha256`` stays valid.
+    """
+    from cxrcae.models.checkpoint import CONFIG_NAME, atomic_write_text, read_config
+
+    folder = Path(model_dir).expanduser()
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{model_dir}: temperature can only be stored in a local checkpoint folder; download it first "
+            "(e.g. `huggingface-cli download REPO --local-dir DIR`) and calibrate DIR"
+        )
+    config = read_config(folder)
+    config["temperature"] = float(temperature)
+    config["calibration"] = {"method": "temperature_scaling", **info}
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return folder / CONFIG_NAME
