@@ -1,0 +1,385 @@
+"""Turn each source's own metadata (or folder layout) into manifest records with one label vocabulary.
+
+Labels: COVID, NORMAL, PNEUMONIA (non-COVID pneumonia) and UNLABELED (``Record.label is None``: no finding
+recorded, "todo", inconclusive, or a finding that is neither, such as ARDS without pneumonia or lung
+opacity). CT slices and lateral views are excluded unless asked for, and every exclusion is counted so the
+user sees what was dropped and why. Metadata CSVs are read by column name (upstream files gain columns,
+e.g. ieee8023's ``RT_PCR_positive``) and in UTF-8 or, failing that, Windows-1252 (Figure1's file).
+
+Each record's ``extra`` holds, in this order: ``view``, ``license``, ``finding`` (the original text) and
+``original_dataset``; a manifest written from them has the columns
+``path,label,patient_id,source,view,license,finding,original_dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrcae.data import Record
+from cxrcae.errors import DataError
+
+COVID, NORMAL, PNEUMONIA = "COVID", "NORMAL", "PNEUMONIA"
+RESEARCH_ONLY = "research use only (README)"
+
+_UNLABELED_FINDINGS = {"", "todo", "unknown", "inconclusive"}
+_PNEUMONIA_TERMS = (
+    "pneumonia",
+    "pneumonitis",
+    "pneumocystis",
+    "sars",
+    "mers",
+    "streptococcus",
+    "staphylococcus",
+    "klebsiella",
+    "mycoplasma",
+    "legionella",
+    "chlamydophila",
+    "chlamydia",
+    "e.coli",
+    "e. coli",
+    "influenza",
+    "varicella",
+    "herpes",
+    "lipoid",
+    "aspiration",
+    "bacteria",
+    "viral",
+    "virus",
+    "fungal",
+    "nocardia",
+    "aspergillosis",
+    "histoplasmosis",
+    "moraxella",
+    "h1n1",
+)
+_CT_VIEWS = {"ct", "axial", "coronal", "sagittal"}
+_LATERAL_VIEWS = {"l", "lateral", "ll", "rl", "lat"}
+
+
+@dataclass
+class Parsed:
+    """Records kept, plus how many rows were left out and why (``{"CT": 84, "lateral view": 57}``)."""
+
+    records: list[Record]
+    excluded: Counter = field(default_factory=Counter)
+
+
+def finding_to_label(finding: str) -> str | None:
+    """COVID / NORMAL / PNEUMONIA, or None (unlabeled), from a free-text finding.
+
+    Any mention of COVID wins ("Pneumonia/Viral/COVID-19", "COVID-19, ARDS"); "No Finding" is NORMAL (it
+    means no radiographic finding, not a healthy patient); pneumonias by pathogen or kind are PNEUMONIA; an
+    empty, "todo" or unknown finding and findings that are not pneumonia (ARDS, tuberculosis) are unlabeled.
+    """
+    text = finding.strip().lower()
+    if "covid" in text:
+        return COVID
+    if text in ("no finding", "normal", "no findings"):
+        return NORMAL
+    if text in _UNLABELED_FINDINGS:
+        return None
+    if any(term in text for term in _PNEUMONIA_TERMS):
+        return PNEUMONIA
+    return None
+
+
+def is_lateral(view: str) -> bool:
+    return view.strip().lower() in _LATERAL_VIEWS
+
+
+def is_ct(modality: str, view: str = "") -> bool:
+    """CT by modality, or by view where the (older) metadata has no modality column."""
+    return modality.strip().lower() == "ct" or view.strip().lower() in _CT_VIEWS
+
+
+def read_metadata(path: Path) -> list[dict[str, str]]:
+    """Rows of a metadata CSV with stripped, lower-cased column names; UTF-8 or Windows-1252."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: empty metadata file")
+    reader.fieldnames = [(c or "").strip().lower() for c in reader.fieldnames]
+    return [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
+
+
+def _require(rows: list[dict[str, str]], path: Path, *columns: str) -> None:
+    present = set(rows[0]) if rows else set()
+    missing = [c for c in columns if c not in present]
+    if rows and missing:
+        raise DataError(f"{path}: metadata lacks column(s) {', '.join(missing)}")
+
+
+def _record(
+    path: Path,
+    label: str | None,
+    patient: str,
+    source: str,
+    view: str,
+    license_: str,
+    finding: str,
+    dataset: str,
+    **more: str,
+) -> Record:
+    extra = {"view": view, "license": license_, "finding": finding, "original_dataset": dataset, **more}
+    return Record(
+        path=Path(os.path.abspath(path)), label=label, patient_id=patient or None, source=source, extra=extra
+    )
+
+
+def _keep(view: str, modality: str, include_ct: bool, include_lateral: bool) -> str | None:
+    """None to keep the row, else the reason it is excluded."""
+    if not include_ct and is_ct(modality, view):
+        return "CT"
+    if not include_lateral and is_lateral(view):
+        return "lateral view"
+    return None
+
+
+def ieee8023_records(
+    metadata_csv: Path,
+    repo_root: Path,
+    *,
+    source: str = "ieee8023",
+    include_ct: bool = False,
+    include_lateral: bool = False,
+) -> Parsed:
+    """ieee8023/covid-chestxray-dataset ``metadata.csv``: images at ``<repo_root>/<folder>/<filename>``."""
+    rows = read_metadata(metadata_csv)
+    _require(rows, metadata_csv, "patientid", "finding", "view", "filename")
+    parsed = Parsed([])
+    seen: set[Path] = set()
+    for row in rows:
+        view, modality = row.get("view", ""), row.get("modality", "")
+        reason = _keep(view, modality, include_ct, include_lateral)
+        if reason is None and not include_ct and row.get("folder") == "volumes":
+            reason = "CT"
+        if reason:
+            parsed.excluded[reason] += 1
+            continue
+        path = Path(repo_root) / (row.get("folder") or "images") / row["filename"]
+        if path in seen:
+            parsed.excluded["duplicate metadata row"] += 1
+            continue
+        seen.add(path)
+        finding = row["finding"]
+        parsed.records.append(
+            _record(
+                path,
+                finding_to_label(finding),
+                row["patientid"],
+                source,
+                view,
+                row.get("license", ""),
+                finding,
+                "ieee8023 covid-chestxray-dataset",
+            )
+        )
+    return parsed
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def figure1_records(
+    metadata_csv: Path,
+    images_dir: Path,
+    *,
+    source: str = "figure1",
+    include_ct: bool = False,
+    include_lateral: bool = False,
+) -> Parsed:
+    """Figure1-COVID-chestxray-dataset: one row per image, file ``images/<patientid>.(jpg|png)``.
+
+    Images of one patient carry a letter suffix (``COVID-00003a``, ``COVID-00003b``); the patient id drops
+    it, so a patient-level split keeps them together.
+    """
+    rows = read_metadata(metadata_csv)
+    _require(rows, metadata_csv, "patientid", "finding")
+    images = _images_by_stem(Path(images_dir))
+    parsed = Parsed([])
+    for row in rows:
+        image_id = row["patientid"]
+        if not image_id:
+            parsed.excluded["no image id"] += 1
+            continue
+        view = row.get("view", "")
+        reason = _keep(view, row.get("modality", ""), include_ct, include_lateral)
+        if reason:
+            parsed.excluded[reason] += 1
+            continue
+        path = images.get(image_id, Path(images_dir) / f"{image_id}.jpg")
+        patient = re.sub(r"(?<=\d)[a-z]$", "", image_id)
+        finding = row["finding"]
+        parsed.records.append(
+            _record(path, finding_to_label(finding), patient, source, view, RESEARCH_ONLY, finding, "Figure1")
+        )
+    return parsed
+
+
+def actualmed_records(
+    metadata_csv: Path,
+    images_dir: Path,
+    *,
+    source: str = "actualmed",
+    include_ct: bool = False,
+    include_lateral: bool = False,
+) -> Parsed:
+    """Actualmed-COVID-chestxray-dataset: ``imagename`` names the file; an empty finding is inconclusive."""
+    rows = read_metadata(metadata_csv)
+    _require(rows, metadata_csv, "patientid", "finding", "imagename")
+    parsed = Parsed([])
+    for row in rows:
+        view = row.get("view", "")
+        reason = _keep(view, row.get("modality", ""), include_ct, include_lateral)
+        if reason:
+            parsed.excluded[reason] += 1
+            continue
+        finding = row["finding"]
+        parsed.records.append(
+            _record(
+                Path(images_dir) / row["imagename"],
+                finding_to_label(finding),
+                row["patientid"],
+                source,
+                view,
+                RESEARCH_ONLY,
+                finding,
+                "Actualmed",
+            )
+        )
+    return parsed
+
+
+# Folder names (lower-cased, "_"/"-" as spaces) that name a class in folder-organised datasets.
+FOLDER_LABELS: dict[str, str | None] = {
+    "covid": COVID,
+    "covid 19": COVID,
+    "covid19": COVID,
+    "covid positive": COVID,
+    "normal": NORMAL,
+    "no finding": NORMAL,
+    "pneumonia": PNEUMONIA,
+    "viral pneumonia": PNEUMONIA,
+    "bacterial pneumonia": PNEUMONIA,
+    "non covid pneumonia": PNEUMONIA,
+    "lung opacity": None,
+    "unlabeled": None,
+    "unlabelled": None,
+}
+_SKIP_DIRS = {"masks", "mask", "__macosx"}
+_SPLIT_DIRS = {"train", "training", "test", "testing", "val", "valid", "validation"}
+
+
+def _folder_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def folder_records(
+    root: Path,
+    *,
+    source: str,
+    dataset: str = "",
+    license_: str = "",
+    patient_from_name: Callable[[str], str] | None = None,
+) -> Parsed:
+    """Any tree whose folder names carry the class (``COVID/``, ``Viral Pneumonia/``, ``train/NORMAL/``).
+
+    The class is the nearest enclosing folder with a known name (``FOLDER_LABELS``); images under none are
+    UNLABELED. ``masks/`` folders are skipped; a ``train``/``test``/``val`` folder is kept as
+    ``original_split``. The same split/class/file found twice (archives that nest a copy of themselves) is
+    counted once.
+    """
+    from cxrcae.io import find_images
+
+    root = Path(root)
+    files, _ = find_images([root], recursive=True)
+    parsed = Parsed([])
+    seen: set[tuple[str, ...]] = set()
+    for path in files:
+        folders = [_folder_key(p) for p in path.relative_to(root).parts[:-1]]
+        if any(f in _SKIP_DIRS for f in folders):
+            parsed.excluded["mask or resource fork"] += 1
+            continue
+        label, finding, split = None, "", ""
+        for folder, original in zip(reversed(folders), reversed(path.relative_to(root).parts[:-1])):
+            if folder in FOLDER_LABELS and not finding:
+                label, finding = FOLDER_LABELS[folder], original
+            if folder in _SPLIT_DIRS and not split:
+                split = folder
+        key = (split, finding.lower(), path.name)
+        if key in seen:
+            parsed.excluded["nested duplicate copy"] += 1
+            continue
+        seen.add(key)
+        patient = patient_from_name(path.name) if patient_from_name else ""
+        parsed.records.append(
+            _record(
+                path, label, patient, source, "", license_, finding, dataset or source, original_split=split
+            )
+        )
+    return parsed
+
+
+_KERMANY_PATIENT = re.compile(r"^(person\d+|(?:NORMAL\d*-)?IM-\d+)", re.IGNORECASE)
+
+
+def kermany_patient(filename: str) -> str:
+    """``person1_bacteria_1.jpeg`` -> ``person1``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
+    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``; anything else -> "" (unknown)."""
+    match = _KERMANY_PATIENT.match(filename)
+    return match.group(1) if match else ""
+
+
+def _find(root: Path, filename: str) -> Path:
+    """``filename`` at the root or one folder down (GitHub archives unpack into ``<repo>-<commit>/``)."""
+    for candidate in [Path(root) / filename, *sorted(Path(root).glob(f"*/{filename}"))]:
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{root}: no {filename} found (is this the right archive?)")
+
+
+def parse_source(
+    parser: str,
+    root: Path,
+    *,
+    source: str,
+    license_: str = "",
+    include_ct: bool = False,
+    include_lateral: bool = False,
+) -> Parsed:
+    """Run the registry's named parser on an extracted download at ``root``."""
+    opts = {"source": source, "include_ct": include_ct, "include_lateral": include_lateral}
+    if parser == "ieee8023":
+        meta = _find(root, "metadata.csv")
+        return ieee8023_records(meta, meta.parent, **opts)
+    if parser in ("figure1", "actualmed"):
+        meta = _find(root, "metadata.csv")
+        parse = figure1_records if parser == "figure1" else actualmed_records
+        return parse(meta, meta.parent / "images", **opts)
+    if parser == "radiography-db":
+        return folder_records(root, source=source, dataset="COVID-19 Radiography Database", license_=license_)
+    if parser == "kermany":
+        return folder_records(
+            root,
+            source=source,
+            dataset="Kermany chest-xray-pneumonia",
+            license_=license_,
+            patient_from_name=kermany_patient,
+        )
+    if parser == "folders":
+        return folder_records(root, source=source, license_=license_)
+    raise DataError(f"unknown parser {parser!r}")
