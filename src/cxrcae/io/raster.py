@@ -12,6 +12,7 @@ from cxrcae.errors import ImageLoadError
 from cxrcae.io.limits import check_pixels
 from cxrcae.io.native import NativeImage, collapse_gray, split_alpha
 
+_ORIENTATION = 0x0112  # EXIF/TIFF Orientation tag
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
 # Signatures of the formats we read: a file that starts like one but will not open was cut short.
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
@@ -59,7 +60,8 @@ def decode_raster(path: Path, *, max_pixels: int | None, target_size: int | None
                 img.draft(img.mode, (target_size, target_size))
             try:
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                if img.getexif().get(_ORIENTATION, 1) not in (1, None):  # transposing copies: only if needed
+                    img = ImageOps.exif_transpose(img)
                 return _to_native(img)
             except _UnsupportedMode as exc:
                 raise ImageLoadError(path, f"unsupported pixel mode {exc}") from None
