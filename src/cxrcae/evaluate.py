@@ -1,0 +1,497 @@
+"""Evaluate a fine-tuned classifier on a labelled split: metrics with 95% CIs, calibration, per-source view.
+
+``evaluate(model, data, split="test")`` runs the model over the split (streamed, a bad file is an error row
+excluded from the metrics), computes the paper's metrics per class and macro/weighted with patient-level
+bootstrap intervals, the expected calibration error, a per-source breakdown (shortcut learning across
+sources is the known failure of COVID X-ray models), and writes ``metrics.json``, ``predictions.csv``, PNG
+figures and ``report.html`` into ``MODEL_DIR/eval-<split>`` (or ``out_dir``).
+
+With ``calibrate=True`` a temperature is first fitted on the ``val`` split and stored in the model's
+config.json; the test metrics then use it, and the uncalibrated ECE is reported alongside.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrcae.errors import DataError
+from cxrcae.progress import ProgressFn, no_progress
+
+
+@dataclass
+class EvaluationResult:
+    """What ``evaluate`` measured; ``metrics`` is exactly what ``metrics.json`` holds."""
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    out_dir: Path | None
+    files: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metrics["class_names"])
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """(columns, rows): per class, then macro and weighted, each value with its 95% CI."""
+        return metrics_table(self.metrics)
+
+    def source_table(self) -> tuple[list[str], list[list[str]]] | None:
+        return source_table(self.metrics.get("per_source"), self.class_names)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (
+            f"EvaluationResult(split={m['split']!r}, n={m['n']}, accuracy={m['accuracy']:.4f}, "
+            f"macro_f1={m['macro']['f1']:.4f}, out_dir={str(self.out_dir)!r})"
+        )
+
+
+METRIC_COLUMNS = ("precision", "recall", "specificity", "f1", "auc")
+
+
+def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    from cxrcae.report import fmt_ci
+
+    ci = metrics.get("ci") or {}
+    columns = ["class", "n", "precision", "recall (sens.)", "specificity", "F1", "ROC AUC"]
+    rows = []
+    for name, values in metrics["per_class"].items():
+        cis = (ci.get("per_class") or {}).get(name, {})
+        rows.append([name, str(values["support"]), *(fmt_ci(values[m], cis.get(m)) for m in METRIC_COLUMNS)])
+    for kind in ("macro", "weighted"):
+        cis = ci.get(kind, {})
+        rows.append(
+            [
+                f"{kind} avg",
+                str(metrics["n"]),
+                *(fmt_ci(metrics[kind][m], cis.get(m)) for m in METRIC_COLUMNS),
+            ]
+        )
+    return columns, rows
+
+
+def source_table(
+    per_source: dict | None, class_names: Sequence[str]
+) -> tuple[list[str], list[list[str]]] | None:
+    from cxrcae.report import fmt_ci
+
+    if not per_source:
+        return None
+    columns = ["source", "n", *(f"n {c}" for c in class_names), "accuracy", "macro recall", "macro AUC"]
+    columns += [f"recall {c}" for c in class_names]
+    rows = []
+    for source, m in per_source.items():
+        ci = m.get("ci") or {}
+        rows.append(
+            [
+                source,
+                str(m["n"]),
+                *(str(m["per_class"][c]["support"]) for c in class_names),
+                fmt_ci(m["accuracy"], ci.get("accuracy")),
+                fmt_ci(m["macro"]["recall"], ci.get("macro", {}).get("recall")),
+                fmt_ci(m["macro"]["auc"], ci.get("macro", {}).get("auc")),
+                *(fmt_ci(m["per_class"][c]["recall"]) for c in class_names),
+            ]
+        )
+    return columns, rows
+
+
+def select_records(
+    records: Sequence[Any], split: str | None, data: str | Path
+) -> tuple[list[Any], str | None, list[str]]:
+    """The rows to evaluate: the ``split`` rows of a splits CSV, or every row of a folder/manifest."""
+    notes: list[str] = []
+    splits = sorted({r.split for r in records if r.split is not None})
+    if splits:
+        if split is None:
+            raise DataError(f"{data} has a split column ({', '.join(splits)}); choose one with --split")
+        chosen = [r for r in records if r.split == split]
+        if not chosen:
+            raise DataError(f"{data}: no rows with split={split!r} (splits present: {', '.join(splits)})")
+        return chosen, split, notes
+    notes.append(f"{data} has no split column: all {len(records)} rows evaluated (not a held-out split)")
+    return list(records), None, notes
+
+
+def check_labels(
+    records: Sequence[Any], class_names: Sequence[str], data: str | Path
+) -> tuple[list[Any], list[str]]:
+    """Drop unlabelled rows (noted); refuse labels the model does not know; note classes with no images."""
+    notes: list[str] = []
+    labelled = [r for r in records if r.label is not None]
+    if len(labelled) < len(records):
+        notes.append(f"{len(records) - len(labelled)} unlabelled image(s) skipped")
+    if not labelled:
+        raise DataError(f"{data}: no labelled images to evaluate")
+    unknown = sorted({r.label for r in labelled} - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{data}: label(s) {', '.join(unknown)} are not classes of the model "
+            f"({', '.join(class_names)}); evaluate on data labelled with the model's classes"
+        )
+    absent = [c for c in class_names if c not in {r.label for r in labelled}]
+    if absent:
+        notes.append(f"no images of class {', '.join(absent)}: its recall, F1 and AUC are undefined")
+    return labelled, notes
+
+
+def run_logits(
+    net: Any,
+    config: dict,
+    paths: Sequence[str],
+    device: Any,
+    dtype: Any,
+    *,
+    batch_size: int,
+    num_workers: int,
+    progress: ProgressFn,
+    task: str,
+) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+    """Logits (n_ok, K) of the readable files, their indices in ``paths``, (index, path, reason) errors."""
+    import torch
+
+    from cxrcae.inference import iter_batches
+    from cxrcae.runtime import autocast
+
+    chunks, ok, errors = [], [], []
+    size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
+    done = 0
+    for batch in iter_batches(paths, size, mode, batch_size=batch_size, num_workers=num_workers):
+        errors += batch.errors
+        if batch.indices:
+            with torch.inference_mode(), autocast(device, dtype):
+                logits = net(batch.images.to(device, non_blocking=True))
+            chunks.append(logits.float().cpu().numpy())
+            ok += batch.indices
+        done += len(batch)
+        progress(task, done, len(paths))
+    k = len(config["class_names"])
+    return (np.concatenate(chunks) if chunks else np.zeros((0, k))), ok, errors
+
+
+def evaluate(
+    model_ref: Any,
+    data: str | Path,
+    split: str | None = "test",
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_bins: int = 15,
+    calibrate: bool = False,
+    html: bool = True,
+    write: bool = True,
+    progress: ProgressFn = no_progress,
+) -> EvaluationResult:
+    """Evaluate a classifier checkpoint (folder, Hub id or ``load_model`` object) on ``data``.
+
+    ``data`` is a splits CSV (its ``split`` rows are used), or a class folder / manifest (all rows; the
+    result says so). ``n_bootstrap`` resamples (patients when the data has patient ids) give 95% CIs; 0
+    turns them off. ``write=False`` computes without touching the disk.
+    """
+    from cxrcae.calibration import model_temperature, softmax
+    from cxrcae.data import dataset_fingerprint, load_records
+    from cxrcae.inference import load_for_inference
+    from cxrcae.metrics import full_report
+    from cxrcae.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    folder = _local_folder(model_ref)
+    net, config = load_for_inference(folder or model_ref, dev, kind="classifier")
+    dtype = resolve_precision(precision, dev)
+    names = list(config["class_names"])
+    records = load_records(data, labeled=True)
+    chosen, used_split, notes = select_records(records, split, data)
+    chosen, label_notes = check_labels(chosen, names, data)
+    notes += label_notes
+
+    calibration_info = None
+    if calibrate:
+        calibration_info = _calibrate(
+            net,
+            config,
+            folder,
+            model_ref,
+            records,
+            names,
+            data,
+            dev,
+            dtype,
+            batch_size,
+            num_workers,
+            progress,
+        )
+        config["temperature"] = calibration_info["temperature"]
+    temperature = model_temperature(config)
+
+    paths = [str(r.path) for r in chosen]
+    logits, ok, errors = run_logits(
+        net,
+        config,
+        paths,
+        dev,
+        dtype,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        task=f"evaluate {used_split or 'all'}",
+    )
+    if errors:
+        notes.append(f"{len(errors)} file(s) could not be read and are excluded from the metrics")
+    if not ok:
+        raise DataError(f"{data}: none of the {len(paths)} images could be read")
+    index = {n: i for i, n in enumerate(names)}
+    kept = [chosen[i] for i in ok]
+    y = np.array([index[r.label] for r in kept])
+    probs = softmax(logits, temperature)
+    groups = [r.patient_id for r in kept]
+
+    metrics = full_report(y, probs, names, groups=groups, n_resamples=n_bootstrap, seed=seed, n_bins=n_bins)
+    metrics["calibration"]["temperature"] = temperature
+    if temperature != 1.0:
+        from cxrcae.metrics import expected_calibration_error
+
+        metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(y, softmax(logits), n_bins)
+    if calibration_info:
+        metrics["calibration"]["fit"] = calibration_info
+    metrics["per_source"] = _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins)
+    metrics.update(
+        {
+            "model": str(folder) if folder else "(in-memory model)",
+            "data": str(data),
+            "split": used_split,
+            "n_requested": len(paths),
+            "n_errors": len(errors),
+            "data_fingerprint": dataset_fingerprint(chosen),
+            "image_size": int(config["image_size"]),
+            "resize_mode": config.get("resize_mode", "stretch"),
+            "notes": notes,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    rows = _prediction_rows(chosen, ok, errors, probs, names)
+    out = None
+    files: dict[str, Path] = {}
+    if write:
+        out = Path(out_dir).expanduser() if out_dir else _default_out(folder, used_split)
+        files = _write_outputs(out, metrics, rows, y, probs, names, html)
+    return EvaluationResult(metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes)
+
+
+def _local_folder(model_ref: Any) -> Path | None:
+    from torch import nn
+
+    from cxrcae.models.checkpoint import resolve_checkpoint
+
+    if isinstance(model_ref, nn.Module):
+        return None
+    return resolve_checkpoint(model_ref)
+
+
+def _default_out(folder: Path | None, split: str | None) -> Path:
+    name = f"eval-{split or 'all'}"
+    if folder is None:
+        return Path.cwd() / name
+    if not os.access(folder, os.W_OK) or "huggingface" in str(folder):
+        return Path.cwd() / f"{folder.name}-{name}"  # a Hub download lives in the read-only cache
+    return folder / name
+
+
+def _calibrate(
+    net, config, folder, model_ref, records, names, data, dev, dtype, batch_size, num_workers, progress
+):
+    """Fit T on the val rows, store it in the local checkpoint, return how the fit went."""
+    from cxrcae.calibration import fit_temperature, nll, softmax, store_temperature
+    from cxrcae.data import dataset_fingerprint
+    from cxrcae.metrics import expected_calibration_error
+
+    if folder is None or "huggingface" in str(folder):
+        raise DataError(
+            f"{model_ref}: calibration stores the temperature in config.json, which needs a local checkpoint "
+            "folder; download the model to a folder first"
+        )
+    val = [r for r in records if r.split == "val"]
+    if not val:
+        raise DataError(
+            f"{data}: calibration needs a splits CSV with 'val' rows (make one with `cxrcae split`)"
+        )
+    val, _ = check_labels(val, names, data)
+    logits, ok, errors = run_logits(
+        net,
+        config,
+        [str(r.path) for r in val],
+        dev,
+        dtype,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        task="calibrate val",
+    )
+    index = {n: i for i, n in enumerate(names)}
+    y = np.array([index[val[i].label] for i in ok])
+    t = fit_temperature(logits, y)
+    info = {
+        "temperature": t,
+        "split": "val",
+        "n": len(ok),
+        "n_errors": len(errors),
+        "nll_before": nll(logits, y),
+        "nll_after": nll(logits, y, t),
+        "ece_before": expected_calibration_error(y, softmax(logits)),
+        "ece_after": expected_calibration_error(y, softmax(logits, t)),
+        "data_fingerprint": dataset_fingerprint(val),
+    }
+    store_temperature(folder, t, {k: v for k, v in info.items() if k != "temperature"})
+    return info
+
+
+def _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins) -> dict[str, Any]:
+    """Metrics per ``source`` (when the data has one): the shortcut-learning check."""
+    from cxrcae.metrics import full_report
+
+    sources = [r.source for r in kept]
+    if not any(sources):
+        return {}
+    out = {}
+    for source in sorted({s or "(none)" for s in sources}):
+        mask = np.array([(s or "(none)") == source for s in sources])
+        report = full_report(
+            y[mask],
+            probs[mask],
+            names,
+            groups=[kept[i].patient_id for i in np.flatnonzero(mask)],
+            n_resamples=n_bootstrap,
+            seed=seed,
+            n_bins=n_bins,
+        )
+        report["calibration"].pop("bins", None)
+        report.pop("class_names", None)
+        out[source] = report
+    return out
+
+
+def _prediction_rows(chosen, ok, errors, probs, names) -> list[dict[str, Any]]:
+    by_index = {i: row for row, i in enumerate(ok)}
+    reasons = {i: reason for i, _, reason in errors}
+    rows = []
+    for i, r in enumerate(chosen):
+        row: dict[str, Any] = {
+            "path": str(r.path),
+            "label": r.label,
+            "patient_id": r.patient_id or "",
+            "source": r.source or "",
+        }
+        if i in by_index:
+            p = probs[by_index[i]]
+            pred = names[int(p.argmax())]
+            row.update(
+                status="ok", predicted=pred, correct=pred == r.label, confidence=float(p.max()), reason=""
+            )
+            row.update({f"prob_{n}": float(p[c]) for c, n in enumerate(names)})
+        else:
+            row.update(status="error", predicted="", correct="", confidence="", reason=reasons.get(i, ""))
+            row.update({f"prob_{n}": "" for n in names})
+        rows.append(row)
+    return rows
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_outputs(out: Path, metrics, rows, y, probs, names, html: bool) -> dict[str, Path]:
+    from cxrcae import report
+    from cxrcae.models.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    clean = _clean(metrics)
+    files = {
+        "metrics": out / "metrics.json",
+        "predictions": _write_csv(out / "predictions.csv", rows),
+        "confusion_matrix": report.plot_confusion(
+            metrics["confusion_matrix"], names, out / "confusion_matrix.png"
+        ),
+        "confusion_matrix_normalized": report.plot_confusion(
+            metrics["confusion_matrix"], names, out / "confusion_matrix_normalized.png", normalize=True
+        ),
+    }
+    ci = metrics.get("ci", {}).get("per_class", {})
+    aucs = {n: report.fmt_ci(metrics["per_class"][n]["auc"], ci.get(n, {}).get("auc")) for n in names}
+    files["roc_curves"] = report.plot_roc(y, probs, names, aucs, out / "roc_curves.png")
+    cal = metrics["calibration"]
+    extra = f", T={cal['temperature']:.2f}" if cal.get("temperature", 1.0) != 1.0 else ""
+    files["reliability_diagram"] = report.plot_reliability(
+        cal["bins"], cal["ece"], out / "reliability_diagram.png", extra
+    )
+    atomic_write_text(files["metrics"], json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    if html:
+        files["report"] = _write_html(
+            out / "report.html", clean, [p for k, p in files.items() if p.suffix == ".png"]
+        )
+    return files
+
+
+def _write_html(path: Path, metrics: dict, images: list[Path]) -> Path:
+    from cxrcae.report import fmt_ci, write_html
+
+    ci = metrics.get("ci") or {}
+    cal = metrics["calibration"]
+    summary = [
+        ("model", metrics["model"]),
+        ("data", f"{metrics['data']} (split: {metrics['split'] or 'all rows'})"),
+        ("images", f"{metrics['n']} evaluated, {metrics['n_errors']} unreadable"),
+        ("accuracy", fmt_ci(metrics["accuracy"], ci.get("accuracy"))),
+        ("ECE", fmt_ci(cal["ece"], ci.get("ece"))),
+        ("temperature", f"{cal.get('temperature', 1.0):.3f}"),
+        (
+            "bootstrap",
+            f"{ci.get('n_resamples', 0)} resamples of {ci.get('unit', '-')}s (seed {ci.get('seed', '-')})",
+        ),
+    ]
+    tables = [("Metrics (95% CI)", *metrics_table(metrics))]
+    sources = source_table(metrics.get("per_source"), metrics["class_names"])
+    if sources:
+        tables.append(("Per source", *sources))
+    return write_html(
+        path, f"cxrcae evaluation: {Path(metrics['model']).name}", summary, tables, images, metrics["notes"]
+    )
