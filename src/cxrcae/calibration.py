@@ -9,12 +9,14 @@ evaluation divide logits by it whenever it is present.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrcae.errors import CheckpointError, CxrcaeError
+from cxrcae.progress import ProgressFn, no_progress
 
 MIN_T, MAX_T = 0.05, 20.0
 
@@ -89,3 +91,97 @@ def store_temperature(model_dir: str | Path, temperature: float, info: dict[str,
     config["calibration"] = {"method": "temperature_scaling", **info}
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder / CONFIG_NAME
+
+
+def fit_and_store(
+    net: Any,
+    config: dict[str, Any],
+    folder: Path | None,
+    records: Sequence[Any],
+    data: str | Path,
+    device: Any,
+    dtype: Any,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Fit T on the ``val`` rows of ``records``, store it in config.json of ``folder``, return the fit."""
+    from cxrcae.data import dataset_fingerprint
+    from cxrcae.errors import DataError
+    from cxrcae.evaluate import check_labels
+    from cxrcae.inference import collect_logits
+    from cxrcae.metrics import expected_calibration_error
+
+    if folder is None or "huggingface" in str(folder):
+        raise CheckpointError(
+            "calibration stores the temperature in config.json, which needs a local checkpoint folder; "
+            "download the model to a folder first (e.g. `hf download REPO --local-dir DIR`)"
+        )
+    names = list(config["class_names"])
+    val = [r for r in records if r.split == "val"]
+    if not val:
+        raise DataError(
+            f"{data}: calibration needs a splits CSV with 'val' rows (make one with `cxrcae split`)"
+        )
+    val, _ = check_labels(val, names, data)
+    logits, ok, errors = collect_logits(
+        net,
+        config,
+        [str(r.path) for r in val],
+        device,
+        dtype,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        task="calibrate val",
+    )
+    index = {n: i for i, n in enumerate(names)}
+    y = np.array([index[val[i].label] for i in ok])
+    t = fit_temperature(logits, y)
+    info = {
+        "split": "val",
+        "n": len(ok),
+        "n_errors": len(errors),
+        "nll_before": nll(logits, y),
+        "nll_after": nll(logits, y, t),
+        "ece_before": expected_calibration_error(y, softmax(logits)),
+        "ece_after": expected_calibration_error(y, softmax(logits, t)),
+        "data_fingerprint": dataset_fingerprint(val),
+    }
+    store_temperature(folder, t, info)
+    return {"temperature": t, **info, "config": str(Path(folder) / "config.json")}
+
+
+def calibrate(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Fit a temperature on the val split of a splits CSV and store it in ``model_dir``'s config.json."""
+    from cxrcae.data import load_records
+    from cxrcae.inference import load_for_inference
+    from cxrcae.models.checkpoint import resolve_checkpoint
+    from cxrcae.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    folder = resolve_checkpoint(model_dir)
+    net, config = load_for_inference(folder, dev, kind="classifier")
+    records = load_records(data, labeled=True)
+    return fit_and_store(
+        net,
+        config,
+        folder,
+        records,
+        data,
+        dev,
+        resolve_precision(precision, dev),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )

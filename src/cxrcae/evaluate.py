@@ -147,40 +147,6 @@ def check_labels(
     return labelled, notes
 
 
-def run_logits(
-    net: Any,
-    config: dict,
-    paths: Sequence[str],
-    device: Any,
-    dtype: Any,
-    *,
-    batch_size: int,
-    num_workers: int,
-    progress: ProgressFn,
-    task: str,
-) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
-    """Logits (n_ok, K) of the readable files, their indices in ``paths``, (index, path, reason) errors."""
-    import torch
-
-    from cxrcae.inference import iter_batches
-    from cxrcae.runtime import autocast
-
-    chunks, ok, errors = [], [], []
-    size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
-    done = 0
-    for batch in iter_batches(paths, size, mode, batch_size=batch_size, num_workers=num_workers):
-        errors += batch.errors
-        if batch.indices:
-            with torch.inference_mode(), autocast(device, dtype):
-                logits = net(batch.images.to(device, non_blocking=True))
-            chunks.append(logits.float().cpu().numpy())
-            ok += batch.indices
-        done += len(batch)
-        progress(task, done, len(paths))
-    k = len(config["class_names"])
-    return (np.concatenate(chunks) if chunks else np.zeros((0, k))), ok, errors
-
-
 def evaluate(
     model_ref: Any,
     data: str | Path,
@@ -205,9 +171,9 @@ def evaluate(
     result says so). ``n_bootstrap`` resamples (patients when the data has patient ids) give 95% CIs; 0
     turns them off. ``write=False`` computes without touching the disk.
     """
-    from cxrcae.calibration import model_temperature, softmax
+    from cxrcae.calibration import fit_and_store, model_temperature, softmax
     from cxrcae.data import dataset_fingerprint, load_records
-    from cxrcae.inference import load_for_inference
+    from cxrcae.inference import collect_logits, load_for_inference
     from cxrcae.metrics import full_report
     from cxrcae.runtime import resolve_device, resolve_precision
 
@@ -223,25 +189,23 @@ def evaluate(
 
     calibration_info = None
     if calibrate:
-        calibration_info = _calibrate(
+        calibration_info = fit_and_store(
             net,
             config,
             folder,
-            model_ref,
             records,
-            names,
             data,
             dev,
             dtype,
-            batch_size,
-            num_workers,
-            progress,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
         )
         config["temperature"] = calibration_info["temperature"]
     temperature = model_temperature(config)
 
     paths = [str(r.path) for r in chosen]
-    logits, ok, errors = run_logits(
+    logits, ok, errors = collect_logits(
         net,
         config,
         paths,
@@ -311,54 +275,6 @@ def _default_out(folder: Path | None, split: str | None) -> Path:
     if not os.access(folder, os.W_OK) or "huggingface" in str(folder):
         return Path.cwd() / f"{folder.name}-{name}"  # a Hub download lives in the read-only cache
     return folder / name
-
-
-def _calibrate(
-    net, config, folder, model_ref, records, names, data, dev, dtype, batch_size, num_workers, progress
-):
-    """Fit T on the val rows, store it in the local checkpoint, return how the fit went."""
-    from cxrcae.calibration import fit_temperature, nll, softmax, store_temperature
-    from cxrcae.data import dataset_fingerprint
-    from cxrcae.metrics import expected_calibration_error
-
-    if folder is None or "huggingface" in str(folder):
-        raise DataError(
-            f"{model_ref}: calibration stores the temperature in config.json, which needs a local checkpoint "
-            "folder; download the model to a folder first"
-        )
-    val = [r for r in records if r.split == "val"]
-    if not val:
-        raise DataError(
-            f"{data}: calibration needs a splits CSV with 'val' rows (make one with `cxrcae split`)"
-        )
-    val, _ = check_labels(val, names, data)
-    logits, ok, errors = run_logits(
-        net,
-        config,
-        [str(r.path) for r in val],
-        dev,
-        dtype,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        task="calibrate val",
-    )
-    index = {n: i for i, n in enumerate(names)}
-    y = np.array([index[val[i].label] for i in ok])
-    t = fit_temperature(logits, y)
-    info = {
-        "temperature": t,
-        "split": "val",
-        "n": len(ok),
-        "n_errors": len(errors),
-        "nll_before": nll(logits, y),
-        "nll_after": nll(logits, y, t),
-        "ece_before": expected_calibration_error(y, softmax(logits)),
-        "ece_after": expected_calibration_error(y, softmax(logits, t)),
-        "data_fingerprint": dataset_fingerprint(val),
-    }
-    store_temperature(folder, t, {k: v for k, v in info.items() if k != "temperature"})
-    return info
 
 
 def _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins) -> dict[str, Any]:

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cxrcae.errors import CxrcaeError, ImageLoadError
+from cxrcae.progress import ProgressFn, no_progress
 
 
 @dataclass
@@ -158,3 +160,52 @@ def load_for_inference(model: Any, device: torch.device, kind: str = "classifier
 
 def _name(model: Any) -> str:
     return str(model) if isinstance(model, (str, Path)) else "the model"
+
+
+class UniqueNames:
+    """Output file per input: ``<stem><suffix>`` in ``folder``, numbered when two inputs share a stem."""
+
+    def __init__(self, folder: Path, suffix: str):
+        self.folder = Path(folder)
+        self.suffix = suffix
+        self.used: set[str] = set()
+
+    def __call__(self, path: str | Path) -> Path:
+        stem = Path(path).stem or "image"
+        name, n = f"{stem}{self.suffix}", 1
+        while name in self.used:
+            n += 1
+            name = f"{stem}-{n}{self.suffix}"
+        self.used.add(name)
+        return self.folder / name
+
+
+def collect_logits(
+    net: Any,
+    config: dict,
+    paths: Sequence[str],
+    device: Any,
+    dtype: Any,
+    *,
+    batch_size: int,
+    num_workers: int,
+    progress: ProgressFn = no_progress,
+    task: str = "inference",
+) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+    """Logits (n_ok, K) of the readable files, their indices in ``paths``, (index, path, reason) errors."""
+    from cxrcae.runtime import autocast
+
+    chunks, ok, errors = [], [], []
+    size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
+    done = 0
+    for batch in iter_batches(paths, size, mode, batch_size=batch_size, num_workers=num_workers):
+        errors += batch.errors
+        if batch.indices:
+            with torch.inference_mode(), autocast(device, dtype):
+                logits = net(batch.images.to(device, non_blocking=True))
+            chunks.append(logits.float().cpu().numpy())
+            ok += batch.indices
+        done += len(batch)
+        progress(task, done, len(paths))
+    k = len(config["class_names"])
+    return (np.concatenate(chunks) if chunks else np.zeros((0, k))), ok, errors

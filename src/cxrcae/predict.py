@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcae.errors import CheckpointError
+from cxrcae.inference import UniqueNames
 from cxrcae.progress import ProgressFn, no_progress
 
 EXIT_SOME_FAILED = 3
@@ -190,27 +191,10 @@ def _explainer(net, explain_dir):
 
     out = Path(explain_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    return GradCAM(net), _UniqueNames(out)
+    return GradCAM(net), UniqueNames(out, ".gradcam.png")
 
 
-class _UniqueNames:
-    """``stem.gradcam.png`` in the explain folder, numbered when two inputs share a file name."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.used: set[str] = set()
-
-    def __call__(self, path: str) -> Path:
-        stem = Path(path).stem or "image"
-        name, n = f"{stem}.gradcam.png", 1
-        while name in self.used:
-            n += 1
-            name = f"{stem}-{n}.gradcam.png"
-        self.used.add(name)
-        return self.folder / name
-
-
-def _explain_one(namer: _UniqueNames, path: str, image, cam) -> str:
+def _explain_one(namer: UniqueNames, path: str, image, cam) -> str:
     from cxrcae.explain import save_overlay
 
     target = namer(path)
