@@ -308,29 +308,29 @@ def folder_records(
     root = Path(root)
     files, _ = find_images([root], recursive=True)
     parsed = Parsed([])
-    seen: set[tuple[str, ...]] = set()
-    for path in files:
-        folders = [_folder_key(p) for p in path.relative_to(root).parts[:-1]]
+    kept: dict[tuple[str, ...], Record] = {}
+    for path in sorted(files, key=lambda p: (len(p.parts), p)):  # the least nested copy wins
+        rel_folders = path.relative_to(root).parts[:-1]
+        folders = [_folder_key(p) for p in rel_folders]
         if any(f in _SKIP_DIRS for f in folders):
             parsed.excluded["mask or resource fork"] += 1
             continue
         label, finding, split = None, "", ""
-        for folder, original in zip(reversed(folders), reversed(path.relative_to(root).parts[:-1])):
+        for folder, original in zip(reversed(folders), reversed(rel_folders), strict=True):
             if folder in FOLDER_LABELS and not finding:
                 label, finding = FOLDER_LABELS[folder], original
             if folder in _SPLIT_DIRS and not split:
                 split = folder
         key = (split, finding.lower(), path.name)
-        if key in seen:
+        if key in kept:
             parsed.excluded["nested duplicate copy"] += 1
             continue
-        seen.add(key)
         patient = patient_from_name(path.name) if patient_from_name else ""
-        parsed.records.append(
-            _record(
-                path, label, patient, source, "", license_, finding, dataset or source, original_split=split
-            )
+        dataset_name = dataset or source
+        kept[key] = _record(
+            path, label, patient, source, "", license_, finding, dataset_name, original_split=split
         )
+    parsed.records = sorted(kept.values(), key=lambda r: r.path)
     return parsed
 
 
