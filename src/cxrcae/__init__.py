@@ -36,3 +36,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+from cxrcae import _timm_hook  # noqa: E402,F401  (registers cxrcae_vgg_cae with timm once timm is imported)
