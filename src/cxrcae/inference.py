@@ -154,7 +154,7 @@ def load_for_inference(model: Any, device: torch.device, kind: str = "classifier
             "autoencoder": "this needs an autoencoder checkpoint (cxrcae pretrain); for a classifier use "
             "`cxrcae predict`",
         }.get(kind, "")
-        raise CheckpointError(f"{_name(model)} is a {config.get('kind')} checkpoint; {hint}")
+        raise CheckpointError(f"{_name(model)} is a checkpoint of kind {config.get('kind')!r}; {hint}")
     return net, config
 
 

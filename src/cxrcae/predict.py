@@ -165,7 +165,8 @@ def iter_predictions(
         progress("predict", done, total, f"{rate:.1f} img/s")
         yield from flush(upto)
     yield from flush(total)
-    progress("predict", total, total, "")
+    rate = len(to_decode) / max(time.perf_counter() - start, 1e-9)
+    progress("predict", total, total, f"{rate:.1f} img/s" if to_decode else "")
 
 
 def _make_prediction(path: str, probs, names: Sequence[str], k: int, threshold: float | None) -> Prediction:

@@ -1,0 +1,144 @@
+"""``cxrcae evaluate``: metrics with 95% CIs, calibration, per-source breakdown, figures and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrcae.cli.app import app
+from cxrcae.cli.commands.predict import PrecisionOpt, default_workers
+from cxrcae.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    console,
+    err_console,
+    make_table,
+    print_json,
+)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="Classifier checkpoint folder or Hub id user/repo[@rev].")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Splits CSV (its --split rows are used), or a class folder / manifest (all rows)."
+        ),
+    ],
+    split: Annotated[str, typer.Option("--split", help="Which rows of a splits CSV to evaluate.")] = "test",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder.", show_default="MODEL_DIR/eval-<split>")
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate", help="First fit a temperature on the val rows and store it in config.json."
+        ),
+    ] = False,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs (0 = none).")
+    ] = 1000,
+    bins: Annotated[
+        int, typer.Option("--bins", min=2, help="Confidence bins for ECE / reliability diagram.")
+    ] = 15,
+    html: Annotated[
+        bool, typer.Option("--html/--no-html", help="Also write a single-file report.html.")
+    ] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+    ] = 32,
+    num_workers: Annotated[
+        int | None,
+        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a classifier: per-class and macro/weighted metrics with 95% bootstrap CIs.
+
+    Patients are resampled when the data has patient ids. Also ECE, a per-source breakdown, and
+    metrics.json, predictions.csv, PNG figures and report.html in the output folder.
+    """
+    from cxrcae.cli.common import progress_bar
+    from cxrcae.evaluate import evaluate
+
+    with progress_bar(quiet or json_out) as progress:
+        result = evaluate(
+            model,
+            data,
+            split,
+            out_dir=out,
+            batch_size=batch_size,
+            num_workers=default_workers() if num_workers is None else num_workers,
+            device=device,
+            precision=precision,
+            n_bootstrap=bootstrap,
+            seed=seed,
+            n_bins=bins,
+            calibrate=calibrate,
+            html=html,
+            progress=progress,
+        )
+    if json_out:
+        print_json(result.metrics)
+        return
+    for note in result.notes:
+        err_console.print(f"[yellow]Note:[/] {note}", highlight=False, soft_wrap=True)
+    if quiet:
+        return
+    render(result)
+
+
+def render(result) -> None:
+    from cxrcae.report import fmt_ci
+
+    m = result.metrics
+    ci = m.get("ci") or {}
+    where = f"split {m['split']!r}" if m["split"] else "all rows"
+    columns, rows = result.table()
+    console.print(
+        make_table(
+            f"{Path(m['model']).name} on {Path(m['data']).name} ({where}, {m['n']} images)", columns, rows
+        )
+    )
+    sources = result.source_table()
+    if sources:
+        console.print(make_table("Per source (shortcut check)", *sources))
+    cal = m["calibration"]
+    lines = [
+        f"accuracy {fmt_ci(m['accuracy'], ci.get('accuracy'))}",
+        f"ECE {fmt_ci(cal['ece'], ci.get('ece'))}",
+        f"NLL {cal['nll']:.4f}",
+        f"Brier {cal['brier']:.4f}",
+    ]
+    if cal.get("temperature", 1.0) != 1.0:
+        lines.append(
+            f"temperature {cal['temperature']:.3f} (uncalibrated ECE {cal.get('ece_uncalibrated', 0):.4f})"
+        )
+    console.print(" | ".join(lines), highlight=False)
+    if ci:
+        console.print(
+            f"95% CIs: {ci['n_resamples']} bootstrap resamples of {ci['n_units']} {ci['unit']}s "
+            f"(seed {ci['seed']})",
+            highlight=False,
+        )
+    fit = cal.get("fit")
+    if fit:
+        console.print(
+            f"Calibrated on {fit['n']} val images: T={fit['temperature']:.3f}, "
+            f"NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
+            f"ECE {fit['ece_before']:.4f} -> {fit['ece_after']:.4f}; stored in {fit['config']}",
+            highlight=False,
+        )
+    if result.out_dir:
+        console.print(
+            f"Wrote {result.out_dir}/: " + ", ".join(p.name for p in result.files.values()), highlight=False
+        )

@@ -1,0 +1,167 @@
+"""``cxrcae predict``: classify files, folders and globs; table, CSV/JSON/JSONL rows, exit 3 on bad files."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cxrcae.cli.app import app
+from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, err_console, make_table, print_json
+
+EXIT_SOME_FAILED = 3  # keep in sync with cxrcae.predict.EXIT_SOME_FAILED (not imported: torch-free module)
+
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (GPU).")]
+
+
+def default_workers() -> int:
+    """Decode in parallel, leaving a core for the model."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@app.command("predict")
+def predict_command(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Classifier checkpoint folder or Hub id user/repo[@rev].",
+            show_default="bundled default model",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write every row to a .csv, .json or .jsonl file.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Keep the k most likely classes per row.")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold", min=0.0, max=1.0, help="Below this top probability the label is 'uncertain'."
+        ),
+    ] = None,
+    explain: Annotated[
+        Path | None,
+        typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+    ] = 32,
+    num_workers: Annotated[
+        int | None,
+        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
+    ] = True,
+    show: Annotated[
+        int, typer.Option("--show", min=0, help="Rows shown in the terminal table (all go to --output).")
+    ] = 50,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify chest X-rays with a fine-tuned model (preprocessing is read from the checkpoint).
+
+    One row per file, in input order. Unreadable files become error rows and the run goes on.
+    Exit codes: 0 = every file classified; 3 = some files could not be read (see their rows); 1 = nothing
+    could run (bad model, no inputs).
+    """
+    from cxrcae.cli.common import progress_bar
+    from cxrcae.errors import CxrcaeError
+    from cxrcae.predict import iter_predictions
+    from cxrcae.prediction_writer import PredictionWriter, output_format
+
+    if output is not None:
+        output_format(output)  # fail before any work on a bad extension
+    workers = default_workers() if num_workers is None else num_workers
+    counts = {"ok": 0, "error": 0, "skipped": 0}
+    shown: list[Any] = []
+    errors: list[Any] = []
+    rows_json: list[dict] = []
+    with progress_bar(quiet or json_out) as progress, ExitStack() as stack:
+        writer = None
+        stream = iter_predictions(
+            paths,
+            model,
+            batch_size=batch_size,
+            num_workers=workers,
+            device=device,
+            precision=precision,
+            top_k=top_k,
+            threshold=threshold,
+            explain_dir=explain,
+            recursive=recursive,
+            progress=progress,
+        )
+        for pred in stream:
+            counts[pred.status] += 1
+            if pred.status == "error":
+                errors.append(pred)
+            if json_out:
+                rows_json.append(pred.to_dict())
+            elif len(shown) < show:
+                shown.append(pred)
+            if output is not None:
+                if writer is None:  # opened on the first row: its columns need the model's class names
+                    writer = stack.enter_context(PredictionWriter(output, _model_classes(model, pred)))
+                writer.write(pred.to_dict())
+    total = sum(counts.values())
+    if total == 0:
+        raise CxrcaeError(f"no files found in {', '.join(paths)}")
+
+    if json_out:
+        print_json(rows_json)
+    elif not quiet:
+        _render(shown, total, counts, output, explain, top_k)
+    if errors:
+        if not json_out:
+            err_console.print(
+                f"[yellow]{len(errors)} of {total} file(s) could not be read[/] "
+                f"(exit code {EXIT_SOME_FAILED}).",
+                highlight=False,
+            )
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _model_classes(model: str | None, first) -> list[str]:
+    """Class names for the output columns: from the first classified row or, failing that, the checkpoint."""
+    if first.probabilities:
+        return list(first.probabilities)
+    from cxrcae.models.checkpoint import read_config, resolve_checkpoint
+    from cxrcae.predict import resolve_model_ref
+
+    return list(read_config(resolve_checkpoint(resolve_model_ref(model))).get("class_names", []))
+
+
+def _render(shown, total, counts, output, explain, top_k) -> None:
+    names: list[str] = next((list(p.probabilities) for p in shown if p.probabilities), [])
+    columns = ["file", "prediction", *names, "note"]
+    rows = []
+    for p in shown:
+        if p.status == "ok":
+            note = ", ".join(f"{n} {v:.2f}" for n, v in p.top_k) if top_k else ""
+            label = p.label if p.label == p.top_class else f"{p.label} ({p.top_class})"
+            rows.append([Path(p.path).name, label, *(p.probabilities[n] for n in names), note])
+        else:
+            style = "red" if p.status == "error" else "dim"
+            rows.append([Path(p.path).name, f"[{style}]{p.status}[/]", *([""] * len(names)), p.reason])
+    console.print(make_table(f"Predictions ({total} file(s))", columns, rows))
+    if total > len(shown):
+        more = f"; all rows in {output}" if output else "; use --output to save all of them"
+        console.print(f"... {total - len(shown)} more row(s) not shown{more}", highlight=False)
+    summary = (
+        f"{counts['ok']} classified, {counts['error']} unreadable, {counts['skipped']} skipped (not images)"
+    )
+    console.print(summary, highlight=False)
+    if output:
+        console.print(f"Wrote {output}", highlight=False)
+    if explain:
+        console.print(f"Grad-CAM overlays in {explain}", highlight=False)
