@@ -161,3 +161,15 @@ def test_near_pairs_matches_brute_force(fallback, monkeypatch):
         if bin(int(values[i]) ^ int(values[j])).count("1") <= 3
     }
     assert set(near_pairs(values, 3, block=7)) == expected and len(expected) >= 10
+
+
+def test_cli_audit_class_folder_keeps_labels(cli, tiny_labelled_folder):
+    result = cli("audit", tiny_labelled_folder, "--json", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert {label: sum(row.values()) for label, row in payload["class_source"].items()} == {
+        "COVID": 30,
+        "NORMAL": 30,
+        "PNEUMONIA": 30,
+    }
+    assert payload["has_splits"] is False and payload["leakage"] is False

@@ -50,7 +50,10 @@ class Mirror:
                 if rng:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
-                        self.send_error(416)
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
                         return
                     status = 206
                 self.send_response(status)
@@ -157,6 +160,15 @@ def test_failed_download_keeps_partial_file_and_next_run_resumes(mirror, tmp_pat
     got = download(url, tmp_path / "a.zip", retries=0)
     assert got.resumed and got.sha256 == hashlib.sha256(data).hexdigest()
     assert mirror.log[-1][1] == "bytes=123456-"
+
+
+def test_complete_partial_file_is_verified_without_downloading_again(mirror, tmp_path):
+    data = b"abc" * 1000
+    url = mirror.serve("figure1", data)
+    (tmp_path / "a.zip.part").write_bytes(data)  # an earlier run stopped right before verifying
+    got = download(url, tmp_path / "a.zip", sha256=hashlib.sha256(data).hexdigest())
+    assert got.path.read_bytes() == data
+    assert mirror.log == [(url.removeprefix(mirror.url), "bytes=3000-")]
 
 
 def test_checksum_mismatch_rejects_file_and_caches_nothing(mirror, tmp_path):

@@ -161,8 +161,11 @@ def _attempt(
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # our partial file is no prefix the server knows: start over
-            state.restart()
+        if exc.code == 416 and offset:
+            total = re.fullmatch(r"bytes \*/(\d+)", (exc.headers or {}).get("Content-Range", "").strip())
+            if total and int(total.group(1)) == offset:
+                return False  # an earlier run got every byte but stopped before verifying
+            state.restart()  # our partial file is longer than the server's: start over
             raise _Retry("server refused to resume (HTTP 416); restarting") from None
         if exc.code in RETRYABLE_HTTP:
             raise _Retry(f"HTTP {exc.code} {exc.reason}") from None

@@ -57,8 +57,12 @@ def audit_command(
     from cxrcae.audit import LEAKAGE_EXIT_CODE, audit_records, to_markdown
     from cxrcae.cli.common import progress_bar
     from cxrcae.data import load_records
+    from cxrcae.errors import DataError
 
-    records = load_records(data, labeled=False)
+    try:  # class folders and labelled CSVs keep their labels; anything else is audited unlabeled
+        records = load_records(data, labeled=True)
+    except DataError:
+        records = load_records(data, labeled=False)
     with progress_bar(quiet or json_out) as progress:
         result = audit_records(
             records,
