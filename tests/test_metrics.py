@@ -1,0 +1,171 @@
+"""Metrics against scikit-learn on fixed arrays; bootstrap, ECE and temperature scaling behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from cxrcae import metrics as M
+from cxrcae.calibration import fit_temperature, model_temperature, nll, softmax
+
+NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
+
+
+def _example(n: int, seed: int = 0, signal: float = 1.5):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += signal
+    return y, softmax(logits)
+
+
+@pytest.fixture(scope="module")
+def fixed():
+    # a hand-written 3-class example with ties and mistakes in every class
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])
+    p = np.array(
+        [
+            [0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.3, 0.6, 0.1], [0.4, 0.2, 0.4],
+            [0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.2, 0.4, 0.4], [0.1, 0.5, 0.4],
+            [0.1, 0.1, 0.8], [0.3, 0.2, 0.5], [0.2, 0.5, 0.3],
+        ]
+    )  # fmt: skip
+    return y, p
+
+
+def test_point_metrics_match_sklearn(fixed):
+    y, p = fixed
+    pred = p.argmax(1)
+    r = M.classification_metrics(y, p, NAMES)
+    assert r["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert r["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    for avg in ("macro", "weighted"):
+        assert r[avg]["precision"] == pytest.approx(precision_score(y, pred, average=avg))
+        assert r[avg]["recall"] == pytest.approx(recall_score(y, pred, average=avg))
+        assert r[avg]["f1"] == pytest.approx(f1_score(y, pred, average=avg))
+        assert r[avg]["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average=avg))
+    for c, name in enumerate(NAMES):
+        pc = r["per_class"][name]
+        assert pc["support"] == int((y == c).sum())
+        assert pc["recall"] == pytest.approx(recall_score(y == c, pred == c))
+        # specificity is the recall of the negative class
+        assert pc["specificity"] == pytest.approx(recall_score(y != c, pred != c))
+        assert pc["auc"] == pytest.approx(roc_auc_score(y == c, p[:, c]))
+
+
+def test_absent_class_is_undefined_not_zero(fixed):
+    y, p = fixed
+    keep = y != 2
+    r = M.classification_metrics(y[keep], p[keep], NAMES)
+    assert np.isnan(r["per_class"]["PNEUMONIA"]["recall"])
+    assert np.isnan(r["per_class"]["PNEUMONIA"]["auc"])
+    present = [r["per_class"][n]["recall"] for n in NAMES[:2]]
+    assert r["macro"]["recall"] == pytest.approx(np.mean(present))
+
+
+def test_weighted_auc_equals_sklearn_sample_weight(fixed):
+    y, p = fixed
+    w = np.random.default_rng(3).integers(0, 4, (5, y.size)).astype(float)
+    w[:, [0, 4]] += 1  # both sides present in every row
+    got = M._weighted_auc(w, y == 1, p[:, 1])
+    want = [roc_auc_score(y == 1, p[:, 1], sample_weight=row) for row in w]
+    np.testing.assert_allclose(got, want)
+
+
+def test_bootstrap_contains_point_and_shrinks_with_n():
+    widths = []
+    for n in (100, 2000):
+        y, p = _example(n)
+        point = M.classification_metrics(y, p, NAMES)
+        ci = M.bootstrap_intervals(y, p, NAMES, n_resamples=400, seed=1)
+        for kind in ("macro", "weighted"):
+            for m in ("accuracy", *M.CLASS_METRICS):
+                lo, hi = ci[kind][m]
+                assert lo <= point[kind][m] <= hi, (n, kind, m)
+        for name in NAMES:
+            lo, hi = ci["per_class"][name]["f1"]
+            assert lo <= point["per_class"][name]["f1"] <= hi
+        widths.append(ci["accuracy"][1] - ci["accuracy"][0])
+        assert ci["unit"] == "image" and ci["n_units"] == n
+    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(20) in theory
+
+
+def test_bootstrap_is_seeded():
+    y, p = _example(200)
+    a = M.bootstrap_intervals(y, p, NAMES, n_resamples=200, seed=5)
+    b = M.bootstrap_intervals(y, p, NAMES, n_resamples=200, seed=5)
+    c = M.bootstrap_intervals(y, p, NAMES, n_resamples=200, seed=6)
+    assert a["macro"] == b["macro"]
+    assert a["macro"] != c["macro"]
+
+
+def test_patient_bootstrap_resamples_whole_patients():
+    groups = ["p1", "p1", "p1", "p2", "p2", None, None, "p3"]
+    w = M.resample_weights(len(groups), 500, seed=0, groups=groups)
+    assert w.shape == (500, 8)
+    # images of one patient always share a count; images without id are drawn independently
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 1] == w[:, 2]).all() and (w[:, 3] == w[:, 4]).all()
+    assert (w[:, 5] != w[:, 6]).any()
+    # 5 units drawn per resample: p1, p2, p3, and the two unidentified images
+    unit_counts = w[:, [0, 3, 5, 6, 7]].sum(axis=1)
+    assert (unit_counts == 5).all()
+
+
+def test_patient_bootstrap_is_wider_for_correlated_images():
+    # 40 patients x 10 identical-outcome images: the honest interval is that of 40 samples, not 400
+    rng = np.random.default_rng(0)
+    y_pat = rng.integers(0, 3, 40)
+    right = rng.random(40) < 0.7
+    y = np.repeat(y_pat, 10)
+    pred = np.repeat(np.where(right, y_pat, (y_pat + 1) % 3), 10)
+    p = np.full((400, 3), 0.1)
+    p[np.arange(400), pred] = 0.8
+    groups = [f"p{i // 10}" for i in range(400)]
+    by_image = M.bootstrap_intervals(y, p, NAMES, n_resamples=500, seed=0)
+    by_patient = M.bootstrap_intervals(y, p, NAMES, groups=groups, n_resamples=500, seed=0)
+    assert by_patient["unit"] == "patient" and by_patient["n_units"] == 40
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
+    assert width(by_patient) > 2 * width(by_image)
+
+
+def test_ece_known_example():
+    # bin (0.8, 0.867]: 4 samples at conf 0.85, 2 right -> gap 0.35; bin (0.6, 0.667]: 2 at 0.65 both right
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([[0.85, 0.15]] * 4 + [[0.65, 0.35], [0.35, 0.65]])
+    ece = M.expected_calibration_error(y, p, n_bins=15)
+    assert ece == pytest.approx(4 / 6 * abs(0.5 - 0.85) + 2 / 6 * abs(1.0 - 0.65))
+    bins = M.calibration_bins(y, p, n_bins=15)
+    assert sum(bins["count"]) == 6
+    perfect = M.expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert perfect == pytest.approx(0.0)
+
+
+def test_temperature_scaling_lowers_nll_keeps_argmax():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(size=(600, 3))
+    logits[np.arange(600), y] += 1.0
+    logits *= 4.0  # over-confident
+    t = fit_temperature(logits, y)
+    assert t > 1.5
+    assert nll(logits, y, t) < nll(logits, y) - 0.1
+    ece_before = M.expected_calibration_error(y, softmax(logits))
+    assert M.expected_calibration_error(y, softmax(logits, t)) < ece_before
+    assert (softmax(logits, t).argmax(1) == logits.argmax(1)).all()
+
+
+def test_model_temperature_validates():
+    from cxrcae.errors import CheckpointError
+
+    assert model_temperature({}) == 1.0
+    assert model_temperature({"temperature": 2.5}) == 2.5
+    with pytest.raises(CheckpointError):
+        model_temperature({"temperature": -1})
