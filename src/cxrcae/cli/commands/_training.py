@@ -1,0 +1,118 @@
+"""Options and rendering shared by ``cxrcae pretrain`` and ``cxrcae finetune`` (not a command itself)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cxrcae.cli.common import console, err_console, make_table, print_json
+
+PANEL = "Training"
+RUNTIME = "Runtime"
+
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run folder to create (best/, last/, history.csv, plots).")
+]
+ImageSizeOpt = Annotated[
+    int, typer.Option("--image-size", min=32, help="Square input size in pixels, a multiple of 32.")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per optimiser step.")]
+LimitBatchesOpt = Annotated[
+    int | None,
+    typer.Option("--limit-batches", min=1, help="At most N train and N val batches per epoch (smoke runs)."),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 where the CPU/GPU supports it natively, else fp32), fp32, bf16, fp16 (GPU only).",
+        rich_help_panel=RUNTIME,
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="NHWC memory format for the convolutions (much faster on CPU).",
+        rich_help_panel=RUNTIME,
+    ),
+]
+TrainWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-workers",
+        min=0,
+        help="DataLoader worker processes [default: CPUs-1, max 4].",
+        rich_help_panel=RUNTIME,
+    ),
+]
+AugmentOpt = Annotated[
+    bool,
+    typer.Option(
+        "--augment/--no-augment",
+        help="Light augmentation: rotation +-5 deg, shift 5%, scale +-5%, brightness/contrast +-10%.",
+    ),
+]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        help="Continue the interrupted run in this folder with its saved data and settings "
+        "(only --device and --num-workers may change).",
+    ),
+]
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def require_data_and_out(data: Path | None, out: Path | None, resume: Path | None) -> None:
+    if resume is not None:
+        return
+    if data is None:
+        raise typer.BadParameter("DATA is required (unless --resume is given)", param_hint="DATA")
+    if out is None:
+        raise typer.BadParameter("--out is required (unless --resume is given)", param_hint="--out")
+
+
+def render_result(result: Any, *, json_out: bool, quiet: bool) -> None:
+    """``--json``: the whole result; otherwise the history table, the best epoch and where files went."""
+    data = result.to_dict()
+    if json_out:
+        print_json(data)
+        return
+    for path in data["skipped_files"][:5]:
+        err_console.print(f"[yellow]Skipped unreadable file:[/] {path}", highlight=False, soft_wrap=True)
+    if len(data["skipped_files"]) > 5:
+        err_console.print(f"[yellow]... and {len(data['skipped_files']) - 5} more (see --json)[/]")
+    for note in data["notes"]:
+        err_console.print(f"[yellow]Note:[/] {note}", highlight=False, soft_wrap=True)
+    if quiet:
+        return
+    history = data["history"]
+    classify = any("val_accuracy" in row for row in history)
+    columns = ["epoch", "stage", "lr", "train loss", "val loss"]
+    columns += ["val acc", "val bal. acc", "val macro F1"] if classify else []
+    columns += ["s", "img/s", "best"]
+    rows = []
+    for row in history:
+        cells = [row["epoch"], row["stage"], f"{row['lr']:g}", row["train_loss"], row["val_loss"]]
+        if classify:
+            cells += [row.get("val_accuracy"), row.get("val_balanced_accuracy"), row.get("val_macro_f1")]
+        cells += [f"{row['seconds']:.1f}", f"{row['images_per_s']:.1f}", "*" if row["best"] else ""]
+        rows.append(cells)
+    title = f"{data['task']}: {data['train_images']} train / {data['val_images']} val images"
+    title += f" on {data['device']} ({data['precision']})"
+    console.print(make_table(title, columns, rows))
+    best = data["best_epoch"]
+    line = f"Best epoch {best}: val loss {data['best_val_loss']:.5f}" if best else "No epoch finished"
+    metrics = {k: v for k, v in data["best_metrics"].items() if k not in ("val_loss", "val_mse")}
+    line += "".join(f", {k.removeprefix('val_').replace('_', ' ')} {v:.3f}" for k, v in metrics.items())
+    if data.get("baseline"):
+        line += f" (mean-image baseline {data['baseline']['val_mse_mean_image']:.5f})"
+    console.print(line, highlight=False)
+    console.print(f"Model: {data['best_dir']}   Run folder: {data['out_dir']}   ({data['seconds']:.0f} s)")

@@ -1,0 +1,132 @@
+"""``cxrcae finetune``: train a classifier on a pretrained encoder with gradual unfreezing (phase 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrcae.cli.app import app
+from cxrcae.cli.commands._training import (
+    AugmentOpt,
+    BatchSizeOpt,
+    ChannelsLastOpt,
+    ImageSizeOpt,
+    LimitBatchesOpt,
+    OutOpt,
+    PrecisionOpt,
+    ResumeOpt,
+    TrainWorkersOpt,
+    default_workers,
+    render_result,
+    require_data_and_out,
+)
+from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+
+
+@app.command("finetune")
+def finetune_command(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A splits CSV from `cxrcae split` (train/val used, test never touched), or a class folder / "
+            "manifest split now with the same defaults (written to OUT/splits.csv)."
+        ),
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder",
+            help="Pretrained encoder: a CAE or classifier checkpoint folder, a Hub id user/repo[@rev], "
+            "or 'none' for random initialisation (the baseline that shows what pretraining buys).",
+        ),
+    ] = None,
+    out: OutOpt = None,
+    head: Annotated[
+        str, typer.Option("--head", help="Classification head: lstm (proposed), lstm3, lstm-dense3, dense5.")
+    ] = "lstm",
+    stages: Annotated[
+        str,
+        typer.Option(
+            "--stages",
+            help="Unfreezing stages in order: head (encoder frozen), conv6..conv2 (head + encoder blocks "
+            "from that one up), all (everything), gradual (= conv6,...,conv2,all). 'all' alone = plain "
+            "fine-tuning.",
+        ),
+    ] = "head,all",
+    image_size: ImageSizeOpt = 224,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs per stage.")] = 20,
+    batch_size: BatchSizeOpt = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the 'head' stage.")] = 1e-3,
+    lr_unfrozen: Annotated[
+        float, typer.Option("--lr-unfrozen", help="Adam learning rate of stages that train encoder layers.")
+    ] = 1e-5,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Early stopping per stage: epochs without improvement.")
+    ] = 5,
+    min_delta: Annotated[
+        float, typer.Option("--min-delta", min=0.0, help="Early stopping: smallest val loss improvement.")
+    ] = 0.0,
+    resize_mode: Annotated[
+        str, typer.Option("--resize-mode", help="stretch (as the authors' fine-tuning) or pad.")
+    ] = "stretch",
+    augment: AugmentOpt = False,
+    balance: Annotated[
+        str,
+        typer.Option(
+            "--balance",
+            help="Imbalanced classes: none, loss (class-weighted cross-entropy) or sampler "
+            "(WeightedRandomSampler).",
+        ),
+    ] = "none",
+    limit_batches: LimitBatchesOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsLastOpt = True,
+    num_workers: TrainWorkersOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a classifier: head first over the frozen encoder (Adam 1e-3), then everything (1e-5).
+
+    Each stage runs up to --epochs with early stopping on validation loss and restores the best weights.
+    Writes OUT/best (the classifier), OUT/last (resume state), history.csv and loss_curve.png.
+    """
+    from cxrcae.cli.common import progress_bar
+    from cxrcae.train import FinetuneConfig, finetune, resume_run
+
+    require_data_and_out(data, out, resume)
+    if resume is None and encoder is None:
+        raise typer.BadParameter(
+            "give a pretrained encoder (checkpoint folder or Hub id) or 'none'", param_hint="--encoder"
+        )
+    with progress_bar(quiet or json_out) as progress:
+        if resume is not None:
+            result = resume_run(resume, progress, task="finetune", device=device, num_workers=num_workers)
+        else:
+            cfg = FinetuneConfig(
+                image_size=image_size,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                lr_unfrozen=lr_unfrozen,
+                seed=seed,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+                num_workers=default_workers() if num_workers is None else num_workers,
+                limit_batches=limit_batches,
+                resize_mode=resize_mode,
+                augment=augment,
+                patience=patience,
+                min_delta=min_delta,
+                encoder=None if encoder is None or encoder.strip().lower() == "none" else encoder,
+                head=head,
+                stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                balance=balance,
+            )
+            result = finetune(data, out, cfg, progress)
+    render_result(result, json_out=json_out, quiet=quiet)

@@ -1,0 +1,106 @@
+"""``cxrcae pretrain``: train the convolutional autoencoder on unlabelled X-rays (the paper's phase 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrcae.cli.app import app
+from cxrcae.cli.commands._training import (
+    AugmentOpt,
+    BatchSizeOpt,
+    ChannelsLastOpt,
+    ImageSizeOpt,
+    LimitBatchesOpt,
+    OutOpt,
+    PrecisionOpt,
+    ResumeOpt,
+    TrainWorkersOpt,
+    default_workers,
+    render_result,
+    require_data_and_out,
+)
+from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+
+
+@app.command("pretrain")
+def pretrain_command(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Images: a folder (searched recursively, labels ignored), a manifest or a splits CSV "
+            "(its train/val rows; test rows are never used)."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    image_size: ImageSizeOpt = 224,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs.")] = 100,
+    batch_size: BatchSizeOpt = 64,
+    lr: Annotated[
+        float,
+        typer.Option(
+            "--lr",
+            help="Adam learning rate. The paper's text says 0.01; the authors' code used 0.001 (default).",
+        ),
+    ] = 1e-3,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Early stopping: epochs without improvement.")
+    ] = 20,
+    min_delta: Annotated[
+        float, typer.Option("--min-delta", min=0.0, help="Early stopping: smallest val MSE improvement.")
+    ] = 1e-4,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            "--val-fraction", help="Hold-out share when DATA has no val split (patients kept together)."
+        ),
+    ] = 0.1,
+    resize_mode: Annotated[
+        str, typer.Option("--resize-mode", help="pad (letterbox, as the authors' pretraining) or stretch.")
+    ] = "pad",
+    augment: AugmentOpt = False,
+    limit_batches: LimitBatchesOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsLastOpt = True,
+    num_workers: TrainWorkersOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain the convolutional autoencoder (MSE reconstruction, Adam, batch 64, early stopping).
+
+    Writes OUT/best (the checkpoint to fine-tune from), OUT/last (resume state), history.csv,
+    loss_curve.png and reconstructions.png, and compares the validation MSE with the MSE of always
+    predicting the mean training image.
+    """
+    from cxrcae.cli.common import progress_bar
+    from cxrcae.train import PretrainConfig, pretrain, resume_run
+
+    require_data_and_out(data, out, resume)
+    with progress_bar(quiet or json_out) as progress:
+        if resume is not None:
+            result = resume_run(resume, progress, task="pretrain", device=device, num_workers=num_workers)
+        else:
+            cfg = PretrainConfig(
+                image_size=image_size,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+                num_workers=default_workers() if num_workers is None else num_workers,
+                limit_batches=limit_batches,
+                resize_mode=resize_mode,
+                augment=augment,
+                patience=patience,
+                min_delta=min_delta,
+                val_fraction=val_fraction,
+            )
+            result = pretrain(data, out, cfg, progress)
+    render_result(result, json_out=json_out, quiet=quiet)

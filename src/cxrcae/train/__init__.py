@@ -1,0 +1,23 @@
+"""Training: autoencoder pretraining and gradual-unfreezing fine-tuning, with resumable run folders.
+
+``pretrain(data, out_dir, PretrainConfig(...))`` and ``finetune(data, out_dir, FinetuneConfig(...))`` return
+a ``TrainResult``; ``resume_run(out_dir)`` continues an interrupted run of either kind.
+"""
+
+from cxrcae.train.config import FinetuneConfig, PretrainConfig, TrainConfig
+from cxrcae.train.finetune import finetune
+from cxrcae.train.loop import NonFiniteLossError
+from cxrcae.train.pretrain import pretrain
+from cxrcae.train.result import TrainResult
+from cxrcae.train.resume import resume_run
+
+__all__ = [
+    "FinetuneConfig",
+    "NonFiniteLossError",
+    "PretrainConfig",
+    "TrainConfig",
+    "TrainResult",
+    "finetune",
+    "pretrain",
+    "resume_run",
+]

@@ -1,0 +1,111 @@
+"""Training settings as dataclasses: what the CLI fills in, what the run folder records, what resume reads.
+
+Defaults follow the paper (and the authors' code where the two disagree); every field is saved under
+``training`` in the best checkpoint's config.json, so a result can always be traced to its settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from cxrcae.errors import CxrcaeError
+
+BALANCE_MODES = ("none", "loss", "sampler")
+"""``loss``: class-weighted cross-entropy (n / (k * n_c)); ``sampler``: WeightedRandomSampler."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Options shared by pretraining and fine-tuning."""
+
+    image_size: int = 224
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    num_workers: int = 0
+    limit_batches: int | None = None
+    """Train and validate on at most this many batches per epoch (smoke runs)."""
+    resize_mode: str = "pad"
+    augment: bool = False
+    patience: int = 20
+    min_delta: float = 1e-4
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Rebuild from a saved dict, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise CxrcaeError(f"--image-size must be a multiple of 32 (>= 32), got {self.image_size}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CxrcaeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise CxrcaeError(f"--lr must be positive, got {self.lr}")
+        if self.patience < 1:
+            raise CxrcaeError(f"--patience must be at least 1, got {self.patience}")
+        if self.limit_batches is not None and self.limit_batches < 1:
+            raise CxrcaeError(f"--limit-batches must be at least 1, got {self.limit_batches}")
+        if self.resize_mode not in ("stretch", "pad"):
+            raise CxrcaeError(f"--resize-mode must be stretch or pad, got {self.resize_mode!r}")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Autoencoder pretraining: MSE, Adam 1e-3 (the paper's text says 1e-2), batch 64, up to 100 epochs,
+    early stopping patience 20 / min_delta 1e-4 on validation MSE, letterboxed ('pad') inputs."""
+
+    val_fraction: float = 0.1
+    """Hold-out share when the data has no ``val`` split (grouped by patient where known)."""
+    recon_samples: int = 8
+    """Validation images shown in reconstructions.png."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.val_fraction < 1:
+            raise CxrcaeError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Classifier fine-tuning with gradual unfreezing: stage ``head`` (encoder frozen, Adam ``lr`` 1e-3),
+    then ``all`` (everything, Adam ``lr_unfrozen`` 1e-5); each stage up to ``epochs`` (20) epochs with early
+    stopping patience 5 on validation loss, restoring the best weights; batch 16, stretched inputs."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_unfrozen: float = 1e-5
+    """Learning rate of every stage that trains encoder layers."""
+    resize_mode: str = "stretch"
+    patience: int = 5
+    min_delta: float = 0.0
+    encoder: str | None = None
+    """CAE/classifier/encoder checkpoint folder or Hub id; None trains from random initialisation."""
+    head: str = "lstm"
+    stages: tuple[str, ...] = ("head", "all")
+    balance: str = "none"
+
+    def validate(self) -> None:
+        from cxrcae.models import HEADS
+        from cxrcae.train.unfreeze import expand_stages
+
+        super().validate()
+        if not self.lr_unfrozen > 0:
+            raise CxrcaeError(f"--lr-unfrozen must be positive, got {self.lr_unfrozen}")
+        if self.head not in HEADS:
+            raise CxrcaeError(f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
+        if self.balance not in BALANCE_MODES:
+            raise CxrcaeError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
+        expand_stages(self.stages)

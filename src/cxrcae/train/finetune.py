@@ -1,0 +1,212 @@
+"""Classifier fine-tuning with gradual unfreezing (the paper's second phase).
+
+Default: stage ``head`` trains the head over a frozen pretrained encoder (Adam 1e-3), then stage ``all``
+trains everything (Adam 1e-5); each stage runs up to ``epochs`` epochs with early stopping (patience 5) on
+validation cross-entropy and the best weights are restored before the next stage. The test split is
+never loaded.
+
+Run folder (OUT):
+  best/           checkpoint folder people use: model.safetensors + config.json (kind "classifier")
+  last/           resume state after the latest epoch (see ``cxrcae.train.state``)
+  history.csv     one row per epoch: stage, losses, validation accuracy / balanced accuracy / macro F1
+  loss_curve.png  losses and validation accuracy per epoch, stage boundaries marked
+  splits.csv      the train/val/test split, when DATA was split on the fly
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrcae.data import XrayDataset, class_names
+from cxrcae.errors import DataError
+from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from cxrcae.train.config import FinetuneConfig
+from cxrcae.train.data import TrainData, augmentation, class_weights, finetune_data
+from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
+from cxrcae.train.loop import Classification, Runtime, classification_metrics
+from cxrcae.train.plots import loss_curves
+from cxrcae.train.result import TrainResult, check_out_dir
+from cxrcae.train.unfreeze import apply_stage, expand_stages
+
+KIND = "finetune"
+
+
+def finetune(
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    progress: ProgressFn = no_progress,
+) -> TrainResult:
+    """Fine-tune a classifier on the labelled images of ``data`` into ``out_dir``."""
+    cfg = cfg or FinetuneConfig()
+    cfg.validate()
+    out = check_out_dir(out_dir)
+    seed_everything(cfg.seed)
+    tdata = finetune_data(data, out, progress)
+    return run_finetune(tdata, out, cfg, progress)
+
+
+def load_encoder_init(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encoder tensors and their provenance (reference, kind, weights sha256, how it was trained)."""
+    from cxrcae.models.checkpoint import encoder_state, resolve_checkpoint
+
+    state, config = encoder_state(ref)
+    provenance = {
+        "ref": str(ref),
+        "resolved": str(resolve_checkpoint(ref)),
+        "kind": config.get("kind"),
+        "weights_sha256": config.get("weights_sha256"),
+        "image_size": config.get("image_size"),
+        "resize_mode": config.get("resize_mode"),
+        "dataset_fingerprint": (config.get("dataset") or {}).get("fingerprint"),
+    }
+    return state, provenance
+
+
+def run_finetune(
+    tdata: TrainData,
+    out: Path,
+    cfg: FinetuneConfig,
+    progress: ProgressFn = no_progress,
+    resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    encoder_provenance: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Build classifier, datasets and stages for ``tdata`` and run (or continue) the epoch loop."""
+    from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+    from cxrcae.models.checkpoint import load_state_strict
+
+    names = class_names(tdata.train)
+    if len(names) < 2:
+        raise DataError(f"{tdata.source}: need at least two classes in the train split, found {names}")
+    unknown = sorted({r.label for r in tdata.val if r.label not in names})
+    if unknown:
+        raise DataError(
+            f"{tdata.source}: validation labels absent from the train split: {', '.join(unknown)}"
+        )
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    rt = Runtime(device, dtype, cfg.channels_last)
+    model = CXRClassifier(CAEEncoder(), build_head(cfg.head, len(names), cfg.image_size))
+    notes: list[str] = []
+    if resume is None and cfg.encoder:
+        enc, encoder_provenance = load_encoder_init(cfg.encoder)
+        load_state_strict(model.encoder, enc, str(cfg.encoder))
+    enc_info = encoder_provenance or {}
+    if enc_info.get("image_size") not in (None, cfg.image_size):
+        trained_at = enc_info["image_size"]
+        notes.append(f"encoder was trained at {trained_at} px, fine-tuning at {cfg.image_size} px")
+    if enc_info.get("resize_mode") not in (None, cfg.resize_mode):
+        notes.append(
+            f"encoder was trained with resize mode {enc_info['resize_mode']!r}, "
+            f"fine-tuning uses {cfg.resize_mode!r} (the paper does the same: pad, then stretch)"
+        )
+    if not cfg.encoder and "head" in cfg.stages:
+        notes.append("--encoder none: the 'head' stage trains over a frozen random encoder")
+    model = rt.prepare(model)
+
+    transform = augmentation() if cfg.augment else None
+    train_set = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, names, transform=transform)
+    val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, names)
+    labels = train_set.labels
+    weight = class_weights(labels, len(names)) if cfg.balance == "loss" else None
+    sample_weights = None
+    if cfg.balance == "sampler":
+        per_class = class_weights(labels, len(names))
+        sample_weights = torch.tensor([per_class[lab].item() for lab in labels], dtype=torch.double)
+
+    data_summary = tdata.summary(names)
+    used = {"device": str(device), "precision": precision_name(dtype)}
+    stages = [
+        StagePlan(name, cfg.lr if name == "head" else cfg.lr_unfrozen, cfg.epochs)
+        for name in expand_stages(cfg.stages)
+    ]
+
+    def val_metrics(stats) -> dict[str, Any]:
+        m = classification_metrics(stats.confusion, names)
+        return {f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+
+    def model_config(summary: dict[str, Any]) -> dict[str, Any]:
+        best = summary.get("best_metrics", {})
+        return {
+            "kind": "classifier",
+            "head": cfg.head,
+            "image_size": cfg.image_size,
+            "in_chans": 3,
+            "class_names": names,
+            "resize_mode": cfg.resize_mode,
+            "training": {
+                "task": KIND,
+                "objective": "cross_entropy" + ("_class_weighted" if weight is not None else ""),
+                "optimizer": "Adam",
+                **cfg.to_dict(),
+                "stages": list(expand_stages(cfg.stages)),
+                "class_weights": weight.tolist() if weight is not None else None,
+                "used": used,
+                **summary,
+            },
+            "dataset": data_summary,
+            "encoder_init": encoder_provenance,
+            "metrics": {"val": {k.removeprefix("val_"): v for k, v in best.items()}},
+        }
+
+    run = Run(
+        kind=KIND,
+        model=model,
+        objective=Classification(len(names), weight),
+        rt=rt,
+        cfg=cfg,
+        out_dir=out,
+        train_set=train_set,
+        val_set=val_set,
+        stages=stages,
+        set_stage=apply_stage,
+        val_metrics=val_metrics,
+        model_config=model_config,
+        payload={
+            "kind": KIND,
+            "config": cfg.to_dict(),
+            "data": data_summary,
+            "encoder_init": encoder_provenance,
+        },
+        sample_weights=sample_weights,
+        progress=progress,
+    )
+    outcome = fit(run, resume)
+
+    files = {"best": str(out / BEST), "last": str(out / "last"), "history": str(out / HISTORY_NAME)}
+    files["loss_curve"] = str(loss_curves(outcome.history, out / "loss_curve.png", "cross-entropy"))
+    if tdata.split_origin != "file":
+        files["splits"] = str(out / "splits.csv")
+    counts = Counter(r.label for r in tdata.train)
+    if tdata.dropped_unlabeled:
+        notes.append(f"{tdata.dropped_unlabeled} unlabelled image(s) ignored")
+    if cfg.balance == "none" and max(counts.values()) > 3 * min(counts.values()):
+        notes.append("classes are imbalanced (>3x); consider --balance loss or --balance sampler")
+    best_metrics = {"val_loss": outcome.best["val_loss"], **outcome.best.get("metrics", {})}
+    return TrainResult(
+        task=KIND,
+        out_dir=str(out),
+        best_dir=str(out / BEST),
+        device=used["device"],
+        precision=used["precision"],
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best["epoch"],
+        best_val_loss=outcome.best["val_loss"],
+        best_metrics=best_metrics,
+        stages=outcome.stages,
+        history=outcome.history,
+        train_images=len(tdata.train),
+        val_images=len(tdata.val),
+        seconds=round(outcome.seconds, 2),
+        files=files,
+        class_names=names,
+        skipped_files=sorted(set(outcome.skipped)),
+        notes=notes,
+        resumed=resume is not None,
+    )

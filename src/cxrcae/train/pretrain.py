@@ -1,0 +1,193 @@
+"""Autoencoder pretraining (the paper's unsupervised filter learning): MSE reconstruction with Adam.
+
+Run folder (OUT):
+  best/             checkpoint folder people use: model.safetensors + config.json (kind "autoencoder")
+  last/             resume state after the latest epoch (see ``cxrcae.train.state``)
+  history.csv       one row per epoch: losses, seconds, images/s, whether it was the best
+  loss_curve.png    train/validation MSE per epoch
+  reconstructions.png  validation inputs vs reconstructions of the best model
+  splits.csv        the train/val hold-out, when DATA had no val split
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrcae.data import XrayDataset
+from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from cxrcae.train.config import PretrainConfig
+from cxrcae.train.data import TrainData, augmentation, make_loader, pretrain_data
+from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
+from cxrcae.train.loop import Reconstruction, Runtime
+from cxrcae.train.plots import loss_curves, reconstruction_grid
+from cxrcae.train.result import TrainResult, check_out_dir
+
+KIND = "pretrain"
+
+
+def pretrain(
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: PretrainConfig | None = None,
+    progress: ProgressFn = no_progress,
+) -> TrainResult:
+    """Train the convolutional autoencoder on the images of ``data`` (labels ignored) into ``out_dir``."""
+    cfg = cfg or PretrainConfig()
+    cfg.validate()
+    out = check_out_dir(out_dir)
+    seed_everything(cfg.seed)
+    tdata = pretrain_data(data, out, cfg.val_fraction, cfg.seed, progress)
+    return run_pretrain(tdata, out, cfg, progress)
+
+
+def mean_image_baseline(train_loader, val_loader, limit: int | None) -> dict[str, float]:
+    """Validation MSE of always predicting the mean training image: the bar a useful CAE must clear."""
+    total, count = None, 0
+    for step, batch in enumerate(train_loader, start=1):
+        if limit is not None and step > limit:
+            break
+        if len(batch["image"]):
+            s = batch["image"].double().sum(0)
+            total = s if total is None else total + s
+            count += len(batch["image"])
+    mean = (total / count).float()
+    sq, seen = 0.0, 0
+    for step, batch in enumerate(val_loader, start=1):
+        if limit is not None and step > limit:
+            break
+        if len(batch["image"]):
+            sq += ((batch["image"] - mean) ** 2).mean(dim=(1, 2, 3)).double().sum().item()
+            seen += len(batch["image"])
+    return {"val_mse_mean_image": sq / max(seen, 1), "train_images": count, "val_images": seen}
+
+
+def run_pretrain(
+    tdata: TrainData,
+    out: Path,
+    cfg: PretrainConfig,
+    progress: ProgressFn = no_progress,
+    resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
+    from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    rt = Runtime(device, dtype, cfg.channels_last)
+    model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
+
+    train_set = XrayDataset(
+        tdata.train, cfg.image_size, cfg.resize_mode, [], transform=augmentation() if cfg.augment else None
+    )
+    val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [])
+    plain_train = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, [])
+    baseline = mean_image_baseline(
+        make_loader(plain_train, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers),
+        make_loader(val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers),
+        cfg.limit_batches,
+    )
+    data_summary = tdata.summary()
+    used = {"device": str(device), "precision": precision_name(dtype)}
+
+    def model_config(summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "kind": "autoencoder",
+            "head": None,
+            "image_size": cfg.image_size,
+            "in_chans": 3,
+            "class_names": [],
+            "resize_mode": cfg.resize_mode,
+            "training": {
+                "task": KIND,
+                "objective": "mse",
+                "optimizer": "Adam",
+                **cfg.to_dict(),
+                "used": used,
+                **summary,
+            },
+            "dataset": data_summary,
+            "encoder_init": None,
+            "metrics": {"val": {"mse": summary["best_val_loss"]}},
+            "baseline": baseline,
+        }
+
+    run = Run(
+        kind=KIND,
+        model=model,
+        objective=Reconstruction(),
+        rt=rt,
+        cfg=cfg,
+        out_dir=out,
+        train_set=train_set,
+        val_set=val_set,
+        stages=[StagePlan("all", cfg.lr, cfg.epochs)],
+        set_stage=lambda m, name: list(m.parameters()),
+        val_metrics=lambda stats: {},
+        model_config=model_config,
+        payload={"kind": KIND, "config": cfg.to_dict(), "data": data_summary},
+        progress=progress,
+    )
+    outcome = fit(run, resume)
+
+    files = {"best": str(out / BEST), "last": str(out / "last"), "history": str(out / HISTORY_NAME)}
+    files["loss_curve"] = str(loss_curves(outcome.history, out / "loss_curve.png", "reconstruction MSE"))
+    files["reconstructions"] = str(_reconstructions(model, val_set, rt, cfg, out / "reconstructions.png"))
+    if tdata.split_origin != "file":
+        files["splits"] = str(out / "splits.csv")
+    notes = []
+    best_loss = outcome.best["val_loss"]
+    if best_loss is not None and best_loss >= baseline["val_mse_mean_image"]:
+        notes.append(
+            "validation MSE is not below the mean-image baseline: the autoencoder has not learned yet "
+            "(train longer or check the learning rate)"
+        )
+    return TrainResult(
+        task=KIND,
+        out_dir=str(out),
+        best_dir=str(out / BEST),
+        device=used["device"],
+        precision=used["precision"],
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best["epoch"],
+        best_val_loss=best_loss,
+        best_metrics={"val_mse": best_loss},
+        stages=outcome.stages,
+        history=outcome.history,
+        train_images=len(tdata.train),
+        val_images=len(tdata.val),
+        seconds=round(outcome.seconds, 2),
+        files=files,
+        baseline=baseline,
+        skipped_files=sorted(set(outcome.skipped)),
+        notes=notes,
+        resumed=resume is not None,
+    )
+
+
+@torch.no_grad()
+def _reconstructions(model, val_set: XrayDataset, rt: Runtime, cfg: PretrainConfig, path: Path) -> Path:
+    """Grid of the first ``recon_samples`` readable validation images through the best model."""
+    from cxrcae.errors import ImageLoadError
+    from cxrcae.runtime import autocast
+
+    images = []
+    for i in range(len(val_set)):
+        if len(images) >= cfg.recon_samples:
+            break
+        try:
+            images.append(val_set[i]["image"])
+        except ImageLoadError:
+            continue
+    model.eval()
+    x = torch.stack(images)
+    batch = rt.images({"image": x})
+    with autocast(rt.device, rt.dtype):
+        recon = model(batch)
+    inputs = x[:, 0].numpy()
+    outputs = recon.float().cpu().mean(dim=1).numpy().astype(np.float32)
+    return reconstruction_grid(inputs, outputs, path, f"best model, {cfg.image_size} px ({cfg.resize_mode})")

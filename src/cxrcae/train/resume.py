@@ -1,0 +1,50 @@
+"""``--resume OUT``: rebuild an interrupted run from OUT/last and continue it to the same final weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cxrcae.errors import CheckpointError
+from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.train.config import FinetuneConfig, PretrainConfig
+from cxrcae.train.data import resumed_data
+from cxrcae.train.result import TrainResult
+from cxrcae.train.state import load_resume_state
+
+
+def resume_run(
+    out_dir: str | Path,
+    progress: ProgressFn = no_progress,
+    *,
+    task: str | None = None,
+    device: str | None = None,
+    num_workers: int | None = None,
+) -> TrainResult:
+    """Continue the run in ``out_dir`` with its saved data and settings.
+
+    Only ``device`` and ``num_workers`` may change (a different machine); everything that affects the
+    result comes from the saved state. ``task`` ("pretrain"/"finetune") guards against resuming the wrong
+    kind of run.
+    """
+    from cxrcae.train.finetune import run_finetune
+    from cxrcae.train.pretrain import run_pretrain
+
+    out = Path(out_dir).expanduser()
+    state, tensors, weights = load_resume_state(out)
+    kind = state.get("kind")
+    if task is not None and kind != task:
+        raise CheckpointError(f"{out}: holds a {kind} run, not a {task} run")
+    cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
+    cfg = cls.from_dict(state["config"])
+    if device is not None:
+        cfg.device = device
+    if num_workers is not None:
+        cfg.num_workers = num_workers
+    cfg.validate()
+    tdata = resumed_data(state["data"], out, labeled=kind == "finetune")
+    resume = (state, tensors, weights)
+    if kind == "pretrain":
+        return run_pretrain(tdata, out, cfg, progress, resume)
+    if kind == "finetune":
+        return run_finetune(tdata, out, cfg, progress, resume, encoder_provenance=state.get("encoder_init"))
+    raise CheckpointError(f"{out}: unknown run kind {kind!r} in the resume state")
