@@ -1,0 +1,303 @@
+"""Encoder features for many files, streamed to .npy, .safetensors or .parquet with a row index beside them.
+
+Memory stays flat: images are decoded by ``cxrcae.inference.iter_batches`` and each batch of features is
+appended to the output as it is computed. Files that cannot be read become ``error`` rows of the sidecar
+index CSV (``<output stem>.index.csv``: index, path, status, reason, row) and the run goes on; ``row`` is the
+feature row of each ``ok`` file. Outputs are written under a temporary name and renamed when complete; an
+interrupted run still finalises the rows already computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrcae.errors import CxrcaeError
+from cxrcae.pretrained import PretrainedEncoder, load_encoder
+from cxrcae.progress import ProgressFn, no_progress
+
+FORMATS = {".npy": "npy", ".safetensors": "safetensors", ".parquet": "parquet"}
+INDEX_COLUMNS = ("index", "path", "status", "reason", "row")
+
+
+@dataclass
+class EmbedResult:
+    output: Path
+    index_csv: Path
+    n_inputs: int
+    n_ok: int
+    feature_shape: tuple[int, ...]
+    seconds: float
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_ok / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "index_csv": str(self.index_csv),
+            "inputs": self.n_inputs,
+            "embedded": self.n_ok,
+            "failed": len(self.failures),
+            "skipped": len(self.skipped),
+            "feature_shape": list(self.feature_shape),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "failures": [{"index": i, "path": p, "reason": r} for i, p, r in self.failures],
+        }
+
+
+def output_format(path: str | Path) -> str:
+    """The writer for ``path``'s extension; parquet needs pyarrow (checked here, before any work)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise CxrcaeError(
+            f"{path}: unsupported output type {suffix or '(none)'}; use .npy, .safetensors or .parquet"
+        )
+    if FORMATS[suffix] == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise CxrcaeError(
+                "parquet output needs pyarrow: pip install pyarrow (or use .npy / .safetensors)"
+            ) from None
+    return FORMATS[suffix]
+
+
+def index_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.stem}.index.csv")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+# ----------------------------------------------------------------------------------------------- writers
+
+
+class _NpyWriter:
+    """A .npy whose fixed-size header is rewritten with the final row count (rows are appended as computed)."""
+
+    HEADER = 128
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path, self.tmp = path, _tmp(path)
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * self.HEADER)
+        self.rows = 0
+        self.shape: tuple[int, ...] = ()
+
+    def write(self, features: np.ndarray, indices: list[int], paths: list[str]) -> None:
+        self.shape = features.shape[1:]
+        self.f.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
+        self.rows += len(features)
+
+    def close(self) -> None:
+        header = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, *self.shape)})
+        body = header.encode("latin1")
+        pad = self.HEADER - 10 - len(body) - 1
+        if pad < 0:
+            raise CxrcaeError("feature shape too long for the .npy header")  # pragma: no cover
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10) + body + b" " * pad + b"\n")
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+
+class _SafetensorsWriter:
+    """``features`` (rows, ...) float32 and ``input_index`` int64 (position of each row in the inputs).
+
+    The JSON header gets a fixed reserved size (safetensors allows space padding), so features stream to
+    disk and the header is filled in at the end; the small index tensor follows the features.
+    """
+
+    RESERVED = 8192
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path, self.tmp = path, _tmp(path)
+        self.metadata = metadata
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * (8 + self.RESERVED))
+        self.rows = 0
+        self.nbytes = 0
+        self.shape: tuple[int, ...] = ()
+        self.indices: list[int] = []
+
+    def write(self, features: np.ndarray, indices: list[int], paths: list[str]) -> None:
+        self.shape = features.shape[1:]
+        data = np.ascontiguousarray(features, dtype="<f4").tobytes()
+        self.f.write(data)
+        self.nbytes += len(data)
+        self.rows += len(features)
+        self.indices += indices
+
+    def close(self) -> None:
+        index = np.asarray(self.indices, dtype="<i8").tobytes()
+        self.f.write(index)
+        header = {
+            "__metadata__": self.metadata,
+            "features": {"dtype": "F32", "shape": [self.rows, *self.shape], "data_offsets": [0, self.nbytes]},
+            "input_index": {
+                "dtype": "I64",
+                "shape": [self.rows],
+                "data_offsets": [self.nbytes, self.nbytes + len(index)],
+            },
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > self.RESERVED:
+            raise CxrcaeError("safetensors metadata too long")  # pragma: no cover
+        self.f.seek(0)
+        self.f.write(struct.pack("<Q", self.RESERVED) + text + b" " * (self.RESERVED - len(text)))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+
+class _ParquetWriter:
+    """Columns index (int64), path (string), features (fixed-size list of float32, flattened per row)."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path, self.tmp = path, _tmp(path)
+        self.metadata = metadata
+        self.writer = None
+        self.rows = 0
+        self.shape: tuple[int, ...] = ()
+
+    def write(self, features: np.ndarray, indices: list[int], paths: list[str]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.shape = features.shape[1:]
+        flat = np.ascontiguousarray(features.reshape(len(features), -1), dtype=np.float32)
+        width = flat.shape[1]
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), width)
+        table = pa.table(
+            {"index": pa.array(indices, pa.int64()), "path": pa.array(paths, pa.string()), "features": values}
+        )
+        if self.writer is None:
+            meta = {**self.metadata, "feature_shape": json.dumps(list(self.shape))}
+            schema = table.schema.with_metadata({k: str(v) for k, v in meta.items()})
+            self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
+        self.rows += len(features)
+
+    def close(self) -> None:
+        if self.writer is None:  # no rows: still leave a valid, empty file
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema(
+                [("index", pa.int64()), ("path", pa.string()), ("features", pa.list_(pa.float32()))]
+            )
+            pq.write_table(schema.empty_table().replace_schema_metadata(self.metadata), self.tmp)
+        else:
+            self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+_WRITERS = {"npy": _NpyWriter, "safetensors": _SafetensorsWriter, "parquet": _ParquetWriter}
+
+
+# ----------------------------------------------------------------------------------------------- embed
+
+
+def embed(
+    inputs: Sequence[str | Path],
+    model: str | Path | PretrainedEncoder,
+    output: str | Path,
+    *,
+    pooled: bool = True,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    recursive: bool = True,
+    progress: ProgressFn = no_progress,
+) -> EmbedResult:
+    """Encode every image in ``inputs`` (files, folders, globs) with ``model``'s encoder into ``output``."""
+    from cxrcae.inference import iter_batches
+    from cxrcae.io import find_images
+    from cxrcae.runtime import autocast, resolve_device, resolve_precision
+
+    output = Path(output)
+    fmt = output_format(output)
+    files, skipped = find_images(inputs, recursive=recursive)
+    if not files:
+        raise CxrcaeError(f"no image files found in {', '.join(map(str, inputs))}")
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    encoder = model if isinstance(model, PretrainedEncoder) else load_encoder(model, pooled=pooled)
+    encoder.pooled = pooled
+    encoder = encoder.to(dev).eval()
+    metadata = {
+        "model": str(model) if isinstance(model, (str, Path)) else "in-memory encoder",
+        "weights_sha256": str(encoder.cxrcae_config.get("weights_sha256", "")),
+        "pooled": str(pooled).lower(),
+        "image_size": str(encoder.image_size),
+        "resize_mode": encoder.resize_mode,
+        "precision": str(dtype or "fp32").replace("torch.", ""),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    idx_path = index_path(output)
+    writer = _WRITERS[fmt](output, metadata)
+    failures: list[tuple[int, str, str]] = []
+    start = time.perf_counter()
+    done = 0
+    try:
+        with open(_tmp(idx_path), "w", newline="", encoding="utf-8") as index_file:
+            index = csv.writer(index_file)
+            index.writerow(INDEX_COLUMNS)
+            try:
+                for batch in iter_batches(
+                    files, encoder.image_size, encoder.resize_mode, batch_size, num_workers
+                ):
+                    rows: dict[int, list[Any]] = {}
+                    if batch.indices:
+                        with torch.inference_mode(), autocast(dev, dtype):
+                            feats = encoder(batch.images.to(dev))
+                        first = writer.rows
+                        writer.write(feats.float().cpu().numpy(), batch.indices, batch.paths)
+                        for k, (i, p) in enumerate(zip(batch.indices, batch.paths)):
+                            rows[i] = [i, p, "ok", "", first + k]
+                    for i, p, reason in batch.errors:
+                        failures.append((i, p, reason))
+                        rows[i] = [i, p, "error", reason, ""]
+                    index.writerows(rows[i] for i in sorted(rows))
+                    done += len(batch)
+                    rate = writer.rows / max(time.perf_counter() - start, 1e-9)
+                    progress("embed", done, len(files), f"{rate:.1f} img/s")
+            finally:
+                for path, reason in skipped:
+                    index.writerow(["", str(path), "skipped", reason, ""])
+    finally:  # also on Ctrl-C: keep (and finalise) every row already computed
+        writer.shape = writer.shape or _feature_shape(encoder, pooled)
+        writer.close()
+        os.replace(_tmp(idx_path), idx_path)
+    return EmbedResult(
+        output=output,
+        index_csv=idx_path,
+        n_inputs=len(files),
+        n_ok=writer.rows,
+        feature_shape=tuple(writer.shape),
+        seconds=time.perf_counter() - start,
+        failures=failures,
+        skipped=[(str(p), r) for p, r in skipped],
+    )
+
+
+def _feature_shape(encoder: PretrainedEncoder, pooled: bool) -> tuple[int, ...]:
+    side = encoder.image_size // encoder.reduction
+    return (encoder.num_features,) if pooled else (encoder.num_features, side, side)
