@@ -255,3 +255,9 @@ def test_iter_batches_contract(tmp_path):
         for i, p, reason in batch.errors:
             assert i == 2 and p == str(paths[2]) and reason == "no such file"
     assert sorted(seen) == list(range(6))
+
+
+def test_cli_exit_code_constant_matches_core():
+    from cxrcae.cli.commands import predict as cli_predict
+
+    assert cli_predict.EXIT_SOME_FAILED == EXIT_SOME_FAILED == 3

@@ -23,7 +23,7 @@ def calibrate_command(
     ] = 32,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",

@@ -54,7 +54,7 @@ def evaluate_command(
     ] = 32,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",

@@ -55,7 +55,7 @@ def predict_command(
     ] = 32,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
     ] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
@@ -71,8 +71,8 @@ def predict_command(
     """Classify chest X-rays with a fine-tuned model (preprocessing is read from the checkpoint).
 
     One row per file, in input order. Unreadable files become error rows and the run goes on.
-    Exit codes: 0 = every file classified; 3 = some files could not be read (see their rows); 1 = nothing
-    could run (bad model, no inputs).
+    Exit codes: 0 = every file classified; 3 = some files could not be read (see their rows);
+    1 = nothing could run (bad model, no inputs).
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError

@@ -28,7 +28,7 @@ def reconstruct_command(
     ] = 16,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
+        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
     ] = None,
     show: Annotated[int, typer.Option("--show", min=0, help="Rows shown in the terminal table.")] = 30,
     device: DeviceOpt = "auto",
