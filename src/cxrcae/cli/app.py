@@ -38,8 +38,32 @@ class CleanError(click.ClickException):
         err_console.print(f"[bold red]Error:[/] {self.message}", highlight=False, soft_wrap=True)
 
 
+# The order a user meets the commands in: data, training, results, sharing.
+COMMAND_ORDER = (
+    "fetch",
+    "audit",
+    "split",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "calibrate",
+    "predict",
+    "reconstruct",
+    "embed",
+    "push",
+    "pull",
+    "import-keras",
+    "bench",
+)
+
+
 class _Group(TyperGroup):
     """Turns core errors (and OS errors such as a full disk) into clean one-line messages."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
