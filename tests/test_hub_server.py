@@ -54,7 +54,9 @@ class FakeHub:
         self._server.server_close()
 
     # ------------------------------------------------------------------ helpers for tests
-    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False, branch: str = "main") -> str:
+    def add_repo(
+        self, repo_id: str, files: dict[str, bytes], private: bool = False, branch: str = "main"
+    ) -> str:
         repo = self.repos.setdefault(repo_id, Repo(private=private))
         oid = _oid(files, len(repo.commits))
         repo.commits[oid] = dict(files)
@@ -95,7 +97,9 @@ def _handler(hub: FakeHub):
                 self.wfile.write(body)
 
         def _json(self, status: int, data, headers: dict[str, str] | None = None):
-            self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+            self._send(
+                status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}
+            )
 
         def _error(self, status: int, code: str, message: str, head=False):
             headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
@@ -174,7 +178,9 @@ def _handler(hub: FakeHub):
                     return self._error(409, "Conflict", "You already created this model repo")
                 private = payload.get("visibility") == "private" or bool(payload.get("private"))
                 hub.repos[repo_id] = Repo(private=private)
-                hub.add_repo(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+                hub.add_repo(
+                    repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+                )
             self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
         def _branch(self, repo: Repo, branch: str, payload):
@@ -188,7 +194,9 @@ def _handler(hub: FakeHub):
             files = []
             for f in payload["files"]:
                 lfs = hub.lfs_threshold is not None and int(f["size"]) >= hub.lfs_threshold
-                files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False})
+                files.append(
+                    {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+                )
             self._json(200, {"files": files, "commitOid": None})
 
         def _lfs_batch(self, repo_id: str, payload):
@@ -198,7 +206,11 @@ def _handler(hub: FakeHub):
                 if obj["oid"] not in hub.lfs_store:
                     entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{obj['oid']}"}}
                 objects.append(entry)
-            self._json(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+            self._json(
+                200,
+                {"transfer": "basic", "objects": objects},
+                {"Content-Type": "application/vnd.git-lfs+json"},
+            )
 
         def _commit(self, repo_id: str, repo: Repo, branch: str, body: bytes):
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -214,7 +226,9 @@ def _handler(hub: FakeHub):
                 elif item["key"] == "lfsFile":
                     data = hub.lfs_store.get(value["oid"])
                     if data is None:
-                        return self._error(422, "Unprocessable", f"LFS object {value['oid']} was never uploaded")
+                        return self._error(
+                            422, "Unprocessable", f"LFS object {value['oid']} was never uploaded"
+                        )
                     files[value["path"]] = data
                 elif item["key"] == "deletedFile":
                     files.pop(value["path"], None)
@@ -273,3 +287,21 @@ def start_hub(tokens: set[str], lfs_threshold: int | None = 1024) -> FakeHub:
 
 
 __all__ = ["FakeHub", "start_hub", "parse_qs"]
+
+
+def test_fake_hub_requires_a_known_token_for_writes():
+    import urllib.error
+    import urllib.request
+
+    import pytest
+
+    hub = start_hub({"good"})
+    try:
+        req = urllib.request.Request(f"{hub.url}/api/repos/create", data=b'{"name": "r"}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401 and not hub.repos
+        req.add_header("Authorization", "Bearer good")
+        assert urllib.request.urlopen(req, timeout=10).status == 200 and "user/r" in hub.repos
+    finally:
+        hub.stop()

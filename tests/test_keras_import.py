@@ -24,7 +24,7 @@ DEC = (512, 256, 128, 64, 3)
 RNG = np.random.default_rng(0)
 
 
-# ----------------------------------------------------------------------------------------------- NumPy reference
+# ------------------------------------------------------------------------------------- NumPy reference
 
 
 def conv_same(x, k, b):  # x (H, W, C), k (3, 3, C, O): Keras Conv2D(padding="same"), cross-correlation
@@ -73,7 +73,7 @@ def encoder_np(x, convs):
     return x
 
 
-# ----------------------------------------------------------------------------------------------- Keras-layout files
+# ---------------------------------------------------------------------------------- Keras-layout files
 
 
 def he(*shape, fan_in):
@@ -305,7 +305,7 @@ KERAS_SCRIPT = textwrap.dedent(
 
 
 def _keras_python() -> str | None:
-    """This interpreter if it has TensorFlow, else CXRCAE_KERAS_PYTHON (a Python with tensorflow installed)."""
+    """This interpreter if it has TensorFlow, else CXRCAE_KERAS_PYTHON (a Python with tensorflow)."""
     try:
         import tensorflow  # noqa: F401
 
@@ -323,7 +323,9 @@ def test_real_keras_files_agree(tmp_path, flavour):
         pytest.skip("tensorflow not importable (set CXRCAE_KERAS_PYTHON to a Python that has it)")
     script = tmp_path / "make_keras.py"
     script.write_text(KERAS_SCRIPT)
-    proc = subprocess.run([python, str(script), str(tmp_path), flavour], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [python, str(script), str(tmp_path), flavour], capture_output=True, text=True, timeout=600
+    )
     if proc.returncode == 42:
         pytest.skip(f"{flavour} is not installed next to tensorflow")
     assert proc.returncode == 0, proc.stderr[-2000:]

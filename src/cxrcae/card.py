@@ -108,8 +108,8 @@ def _title(config: dict[str, Any], kind: str) -> str:
     classes = config.get("class_names") or []
     tail = f" Classes: {', '.join(map(str, classes))}." if kind == "classifier" and classes else ""
     return (
-        f"# cxrcae {kind}\n\nA {what}, made with [cxrcae](https://pypi.org/project/cxrcae/), an implementation "
-        f'of "{PAPER_TITLE}" (Mahalingam & Pandraju, 2021, doi:{PAPER_DOI}).{tail}\n'
+        f"# cxrcae {kind}\n\nA {what}, made with [cxrcae](https://pypi.org/project/cxrcae/), an "
+        f'implementation of "{PAPER_TITLE}" (Mahalingam & Pandraju, 2021, doi:{PAPER_DOI}).{tail}\n'
     )
 
 
@@ -226,35 +226,90 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _evaluation_section(metrics: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    ci = metrics.get("ci") if isinstance(metrics.get("ci"), dict) else {}
     context = [(k, _fmt(metrics[k])) for k in _METRIC_CONTEXT if _is_scalar(metrics.get(k))]
+    if ci.get("n_resamples"):
+        unit = ci.get("unit", "image")
+        context.append(
+            (
+                "confidence intervals",
+                f"{ci['n_resamples']} bootstrap resamples of {unit}s"
+                + (f" ({ci['n_units']} {unit}s)" if ci.get("n_units") else ""),
+            )
+        )
+    level = float(ci.get("level", 0.95))
     has_ci = any(r["low"] is not None for r in rows)
-    header = ("scope", "metric", "value", "95% CI" if has_ci else None)
+    header = ("scope", "metric", "value", *([f"{100 * level:g}% CI"] if has_ci else []))
     table_rows = [
-        [
-            r["scope"] or "overall",
-            r["metric"],
-            _fmt(r["value"]),
-            *([f"{_fmt(r['low'])} - {_fmt(r['high'])}" if r["low"] is not None else ""] if has_ci else []),
-        ]
+        [r["scope"] or "overall", r["metric"], f"{r['value']:.4f}"]
+        + ([f"{r['low']:.4f} - {r['high']:.4f}" if r["low"] is not None else ""] if has_ci else [])
         for r in rows
     ]
     out = "## Evaluation\n\n"
     if context:
         out += _table(("", ""), context, header=False) + "\n"
-    out += _table(tuple(h for h in header if h), table_rows)
-    if has_ci:
-        out += "\nConfidence intervals are bootstrap percentile intervals from `cxrcae evaluate`.\n"
+    out += _table(header, table_rows)
+    sources = _source_rows(metrics.get("per_source"))
+    if sources:
+        out += "\nBy data source (a model that leans on source-specific cues does unevenly here):\n\n"
+        out += _table(("source", "images", "accuracy", "CI"), sources)
     return out
 
 
-def metric_rows(metrics: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every metric in an evaluate metrics.json: {scope, metric, value, low, high}, in file order.
+def _source_rows(per_source: Any) -> list[list[str]]:
+    if not isinstance(per_source, dict):
+        return []
+    rows = []
+    for source, m in per_source.items():
+        if isinstance(m, dict) and _is_number(m.get("accuracy")):
+            ci = (m.get("ci") or {}).get("accuracy")
+            interval = f"{_fmt(ci[0])} - {_fmt(ci[1])}" if _is_pair(ci) else ""
+            rows.append([str(source), _fmt(m.get("n", "")), _fmt(m["accuracy"]), interval])
+    return rows
 
-    A metric is a number or a dict with a value (``value``/``point``/``estimate``) and optionally its CI
-    (``ci_low``/``ci_high``, ``low``/``high``, ``lower``/``upper`` or ``ci: [low, high]``).
+
+def metric_rows(metrics: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every metric of a metrics.json: {scope, metric, value, low, high}, in file order.
+
+    ``cxrcae evaluate``'s layout (point values at top level, intervals under ``ci`` at the same paths) is
+    read exactly; other files are walked generically: a metric is a number or a dict with a value
+    (``value``/``point``/``estimate``) and optionally ``ci_low``/``ci_high`` (or ``ci: [low, high]``).
     """
-    root = metrics.get("metrics", metrics) if isinstance(metrics, dict) else {}
-    yield from _walk_metrics(root, [])
+    if not isinstance(metrics, dict):
+        return
+    if isinstance(metrics.get("per_class"), dict) and isinstance(metrics.get("macro"), dict):
+        yield from _evaluate_rows(metrics)
+        return
+    yield from _walk_metrics(metrics.get("metrics", metrics), [])
+
+
+def _evaluate_rows(m: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    ci = m.get("ci") if isinstance(m.get("ci"), dict) else {}
+
+    def row(scope: str, name: str, value: Any, interval: Any) -> dict[str, Any] | None:
+        if not _is_number(value):
+            return None  # undefined (e.g. AUC of an absent class): left out, never invented
+        lo, hi = interval if _is_pair(interval) else (None, None)
+        return {"scope": scope, "metric": name, "value": float(value), "low": lo, "high": hi}
+
+    found = [row("", "accuracy", m.get("accuracy"), ci.get("accuracy"))]
+    for kind in ("macro", "weighted"):
+        for name, value in m[kind].items():
+            if name != "accuracy":
+                found.append(row(kind, name, value, (ci.get(kind) or {}).get(name)))
+    calibration = m.get("calibration") or {}
+    found.append(row("", "ece", calibration.get("ece"), ci.get("ece")))
+    for cls, values in m["per_class"].items():
+        for name, value in values.items():
+            if name != "support":
+                found.append(
+                    row(f"class {cls}", name, value, ((ci.get("per_class") or {}).get(cls) or {}).get(name))
+                )
+    yield from (r for r in found if r is not None)
+
+
+def _is_pair(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)
 
 
 def _walk_metrics(node: dict[str, Any], path: list[str]) -> Iterator[dict[str, Any]]:
@@ -297,7 +352,7 @@ def _usage_section(kind: str, repo_id: str | None) -> str:
     if kind == "classifier":
         code = (
             "import cxrcae\n"
-            f'model = cxrcae.load_model("{ref}")  # strict, safetensors-only; preprocessing read from config.json\n'
+            f'model = cxrcae.load_model("{ref}")  # strict; preprocessing from config.json\n'
             f'encoder = cxrcae.load_encoder("{ref}", pooled=True)  # or reuse its encoder: (B, 512) features'
         )
         cli = f"cxrcae predict --model {ref} chest_xray.png"
@@ -305,7 +360,7 @@ def _usage_section(kind: str, repo_id: str | None) -> str:
         code = (
             "import cxrcae\n"
             f'encoder = cxrcae.load_encoder("{ref}", pooled=True)\n'
-            'features = encoder(encoder.preprocess(["chest_xray.png"]))  # (1, 512); pooled=False: (1, 512, 7, 7)'
+            'features = encoder(encoder.preprocess(["chest_xray.png"]))  # (1, 512); unpooled: (1, 512, h, w)'
         )
         cli = f"cxrcae embed images/ --model {ref} --output features.npy"
     timm_line = (
@@ -334,7 +389,7 @@ def _limitations(config: dict[str, Any]) -> str:
         "- **Not a medical device.** Not validated for clinical use; do not use it to diagnose, triage or "
         "treat patients.",
         "- **Source bias.** Public COVID-19 X-ray collections draw each class from different hospitals, "
-        "devices and age groups (e.g. pneumonia images from a paediatric set), so a model can learn the source "
+        "devices and age groups (e.g. pneumonia from a paediatric set), so a model can learn the source "
         "instead of the disease. Expect lower performance on data from a new site.",
         "- Trained on frontal (PA/AP) radiographs; lateral views, CT and other modalities are out of scope.",
         "- Intensity-based preprocessing: burnt-in text, markers and borders are part of the input.",

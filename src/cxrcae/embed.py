@@ -90,7 +90,7 @@ def _tmp(path: Path) -> Path:
 
 
 class _NpyWriter:
-    """A .npy whose fixed-size header is rewritten with the final row count (rows are appended as computed)."""
+    """A .npy whose fixed-size header is rewritten with the final row count (rows appended as computed)."""
 
     HEADER = 128
 

@@ -1,10 +1,11 @@
 """Hugging Face Hub transfer: push a checkpoint folder as one commit, pull one strictly and safetensors-only.
 
-The Hub repo holds exactly the local checkpoint layout (``model.safetensors``, ``config.json``, ``README.md``),
-so a Hub id works wherever a folder does. Settings are read when a call is made, not when huggingface_hub
-was imported: ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE=1`` (served from the cache,
-no network) take effect even if they change inside one process. The token comes from the caller, ``HF_TOKEN``
-or the saved login and is only ever handed to huggingface_hub: never printed, logged or written to a file.
+The Hub repo holds exactly the local checkpoint layout (``model.safetensors``, ``config.json``,
+``README.md``), so a Hub id works wherever a folder does. Settings are read at call time, not when
+huggingface_hub was imported: ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE=1``
+(served from the cache, no network) take effect even if they change inside one process. The token comes
+from the caller, ``HF_TOKEN`` or the saved login and is only ever handed to huggingface_hub: never
+printed, logged or written to a file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,21 @@ def hub_offline() -> bool:
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+@contextmanager
+def hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn huggingface_hub's own byte-level tqdm bars off (e.g. for --quiet/--json), restoring them after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
@@ -130,8 +148,8 @@ def _is_http_error(exc: BaseException) -> bool:
 def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
     """Download (or find in the cache) a Hub checkpoint; returns its snapshot folder.
 
-    Only ``config.json``, ``model.safetensors`` and ``README.md`` are fetched, all from the same commit; a repo
-    without safetensors weights is refused, whatever else it holds. Keys are checked later by the loader.
+    Only ``config.json``, ``model.safetensors`` and ``README.md`` are fetched, all from the same commit; a
+    repo without safetensors weights is refused, whatever else it holds. Keys are checked later by the loader.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -218,7 +236,7 @@ def _other_weights_hint(repo_id: str, revision: str, token: str | None) -> str:
 
 
 def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -> PullResult:
-    """Fetch ``user/repo[@rev]`` and check it loads strictly; with ``out``, copy the files into that folder."""
+    """Fetch ``user/repo[@rev]`` and check it loads strictly; with ``out``, copy the files there."""
     from cxrcae.models.checkpoint import atomic_write_bytes, load_checkpoint
 
     repo_id, revision = parse_repo_ref(ref)
@@ -351,7 +369,7 @@ def push_checkpoint(
     card: str | Path | None = None,
     progress: ProgressFn = no_progress,
 ) -> PushResult:
-    """Create the repo if needed and upload weights + config + card as ONE commit to ``revision`` (a branch)."""
+    """Create the repo if needed and upload weights + config + card as ONE commit to branch ``revision``."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 

@@ -181,7 +181,7 @@ def _check_encoder(layers: list[KerasLayer]) -> None:
         got = layer.arrays["kernel"].shape
         if layer.type != "conv" or got != expected:
             raise CheckpointError(
-                f"layer {i} ({layer.name}): expected a Conv2D kernel {expected} of the paper's encoder, got {got}"
+                f"layer {i} ({layer.name}): expected the paper's Conv2D kernel {expected}, got {got}"
             )
         prev = ch
 
@@ -240,7 +240,7 @@ def _head_state(
         )
     if image_size is not None and image_size != side * REDUCTION:
         raise CheckpointError(
-            f"the head was trained on {side}x{side} tokens, i.e. {side * REDUCTION} px images, not {image_size}"
+            f"the head was trained on {side}x{side} tokens ({side * REDUCTION} px images), not {image_size}"
         )
     image_size = side * REDUCTION
     state: dict[str, torch.Tensor] = {}

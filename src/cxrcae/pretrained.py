@@ -121,7 +121,7 @@ def array_to_unit_gray(image: Any) -> np.ndarray:
 def load_encoder(
     ref: str | Path, pooled: bool = False, device: str | torch.device = "cpu"
 ) -> PretrainedEncoder:
-    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strictly loaded, in eval mode."""
+    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode."""
     state, config = encoder_state(ref)
     encoder = PretrainedEncoder(config, pooled=pooled)
     load_state_strict(encoder, state, f"{ref} (encoder)")

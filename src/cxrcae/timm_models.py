@@ -7,7 +7,7 @@ tensors (decoder and head dropped). Loading checks every encoder tensor is prese
 
     import cxrcae, timm
     m = timm.create_model("cxrcae_vgg_cae", pretrained=True,
-                          pretrained_cfg_overlay=dict(file="ckpt/model.safetensors"))  # or hf_hub_id="user/repo"
+                          pretrained_cfg_overlay=dict(file="ckpt/model.safetensors"))  # or hf_hub_id=
     m.forward_features(x)  # (B, 512, 7, 7) at 224 px;  m(x): (B, 512) pooled (num_classes=0)
 
 ``num_classes=N`` adds a fresh linear classifier on the pooled features; ``features_only=True`` returns the
@@ -45,7 +45,9 @@ _FEATURES = (
 class CxrcaeVggCae(CAEEncoder):
     """The cxrcae encoder with timm's backbone API (forward_features / forward_head / reset_classifier)."""
 
-    def __init__(self, num_classes: int = 0, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0):
+    def __init__(
+        self, num_classes: int = 0, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0
+    ):
         super().__init__(in_chans)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = NUM_FEATURES
@@ -78,7 +80,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CxrcaeVggCa
     missing = [k for k in own if k.startswith("stages.") and k not in state_dict]
     wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
     if missing or wrong:
-        detail = f"missing {', '.join(missing[:4])}" if missing else f"shape mismatch in {', '.join(wrong[:4])}"
+        detail = (
+            f"missing {', '.join(missing[:4])}" if missing else f"shape mismatch in {', '.join(wrong[:4])}"
+        )
         raise CheckpointError(f"weights are not a cxrcae encoder ({detail})")
     if not any(k.startswith("head.fc.") for k in own):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
@@ -86,7 +90,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CxrcaeVggCa
 
 
 def _clean_pretrained_cfg(cfg: Any) -> Any:
-    """A cxrcae config.json read by timm's ``hf-hub:``/``local-dir:`` loaders -> a valid PretrainedCfg dict."""
+    """A cxrcae config.json read by timm's ``hf-hub:``/``local-dir:`` loaders -> a PretrainedCfg dict."""
     if not isinstance(cfg, dict):
         return cfg
     names = {f.name for f in dataclasses.fields(PretrainedCfg)}

@@ -1,4 +1,4 @@
-"""``cxrcae import-keras``: turn the authors' Keras .h5 models into cxrcae checkpoint folders (no TensorFlow)."""
+"""``cxrcae import-keras``: the authors' Keras .h5 models as cxrcae checkpoint folders (no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,6 @@ def import_keras_command(
     if result.kind == "classifier" and not names:
         err_console.print(
             "[yellow]Warning:[/] class names are not stored in Keras files; saved as class_0.. - pass "
-            "--class-names in the model's output order (Keras flow_from_directory sorts folders alphabetically).",
+            "--class-names in the model's output order (flow_from_directory sorts folders alphabetically).",
             highlight=False,
         )
