@@ -52,24 +52,36 @@ def _mps_available() -> bool:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs at native speed on ``device`` (not merely emulated)."""
+    """Whether bf16 autocast is expected to be faster than fp32 on ``device`` (used by ``auto``)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        # oneDNN reports native bf16 only on CPUs with avx512_bf16 / AMX; elsewhere bf16 is slower than fp32.
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return cpu_bf16_fast()
     if device.type == "mps":
         return True
     return False
 
 
+def cpu_bf16_fast() -> bool:
+    """bf16 autocast pays off on CPUs with AMX tiles (Sapphire Rapids and later).
+
+    Measured on an avx512_bf16 CPU without AMX (the project's dev machine): the CAE training step at
+    224 px, batch 16, ran at 3.7 img/s in bf16 + channels_last vs 5.4 img/s in fp32 + channels_last, so
+    oneDNN's bf16 support alone (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is not a reason to use it.
+    """
+    try:
+        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32 (no autocast).
 
-    ``auto`` = bf16 where the hardware supports it natively, else fp32. fp16 needs a GPU: on CPU it is
+    ``auto`` = bf16 where the hardware runs it faster than fp32 (CUDA/MPS with bf16, CPUs with AMX), else
+    fp32. fp16 needs a GPU: on CPU it is
     refused with a clear error (CPU fp16 autocast is slow and gives no speed-up).
     """
     precision = (precision or "auto").strip().lower()
