@@ -1,0 +1,80 @@
+"""``cxrcae pretrain`` / ``cxrcae finetune`` through the real Typer app, as smoke runs (--limit-batches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def mini(tiny_labelled_folder, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli-mini") / "data"
+    for class_dir in sorted(tiny_labelled_folder.iterdir()):
+        for src in sorted(class_dir.iterdir())[:4]:
+            dest = root / class_dir.name / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(src.resolve())
+    return root
+
+
+SMOKE = ["--image-size", "32", "--batch-size", "4", "--limit-batches", "1", "--num-workers", "0"]
+
+
+def test_pretrain_then_finetune_cli(cli, mini, tmp_path):
+    res = cli(
+        "pretrain", mini, "--out", tmp_path / "cae", "--epochs", "1", "--precision", "fp32", *SMOKE, "--json"
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["task"] == "pretrain" and summary["epochs_run"] == 1
+    assert summary["baseline"]["val_mse_mean_image"] > 0
+    assert Path(summary["files"]["reconstructions"]).is_file()
+
+    res = cli(
+        "finetune", mini, "--encoder", tmp_path / "cae" / "best", "--out", tmp_path / "clf",
+        "--epochs", "1", "--stages", "head,conv6", "--balance", "loss", "--augment", "--precision", "fp32",
+        *SMOKE,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "Best epoch" in res.stdout and "conv6" in res.stdout  # history table with both stages
+    cfg = json.loads((tmp_path / "clf" / "best" / "config.json").read_text())
+    assert cfg["training"]["balance"] == "loss" and cfg["training"]["augment"] is True
+    assert len(cfg["training"]["class_weights"]) == 3
+    assert cfg["training"]["stages"] == ["head", "conv6"]
+
+
+def test_finetune_requires_encoder_choice(cli, mini, tmp_path):
+    res = cli("finetune", mini, "--out", tmp_path / "clf", *SMOKE)
+    assert res.exit_code == 2
+    assert "--encoder" in res.output
+
+
+def test_finetune_encoder_none_and_resume_cli(cli, mini, tmp_path):
+    out = tmp_path / "clf"
+    args = ["finetune", mini, "--encoder", "none", "--out", out, "--stages", "all", "--epochs", "1", *SMOKE]
+    res = cli(*args, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == ""  # --quiet: nothing on stdout
+    again = cli(*args)
+    assert again.exit_code == 1 and "already holds a training run" in again.output
+    # a finished run resumes to the same end (nothing left to do) and says so in its summary
+    res = cli("finetune", "--resume", out, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["resumed"] is True and summary["epochs_run"] == 1
+    res = cli("pretrain", "--resume", out)
+    assert res.exit_code == 1 and "not a pretrain run" in res.output
+
+
+def test_cli_errors_are_one_line(cli, mini, tmp_path):
+    res = cli("pretrain", mini, "--out", tmp_path / "a", "--precision", "fp16", "--device", "cpu", *SMOKE)
+    assert res.exit_code == 1
+    assert "Error:" in res.output and "fp16" in res.output and "Traceback" not in res.output
+    res = cli("finetune", mini, "--encoder", tmp_path / "missing", "--out", tmp_path / "b", *SMOKE)
+    assert res.exit_code == 1 and "no such checkpoint" in res.output
+    res = cli("pretrain", tmp_path / "nowhere", "--out", tmp_path / "c", *SMOKE)
+    assert res.exit_code == 1 and "no such file" in res.output
+    res = cli("pretrain", "--out", tmp_path / "d")
+    assert res.exit_code == 2 and "DATA" in res.output

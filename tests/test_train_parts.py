@@ -1,0 +1,184 @@
+"""The training building blocks on small tensors: stages, early stopping, resume state, runtime, weights."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cxrcae.errors import CxrcaeError
+from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+from cxrcae.runtime import resolve_device, resolve_precision, seed_everything
+from cxrcae.train.stopping import EarlyStopping
+from cxrcae.train.unfreeze import apply_stage, expand_stages, train_mode
+
+
+def _classifier() -> CXRClassifier:
+    torch.manual_seed(0)
+    return CXRClassifier(CAEEncoder(), build_head("lstm-dense3", 3, 32))
+
+
+def test_expand_stages():
+    assert expand_stages("head,all") == ("head", "all")
+    assert expand_stages(["head", "gradual"]) == ("head", "conv6", "conv5", "conv4", "conv3", "conv2", "all")
+    with pytest.raises(CxrcaeError, match="unknown stage 'encoder'"):
+        expand_stages("head,encoder")
+    with pytest.raises(CxrcaeError):
+        expand_stages("")
+
+
+@pytest.mark.parametrize(
+    ("stage", "trainable_blocks"),
+    [("head", set()), ("conv5", {"conv5", "conv6"}), ("all", {f"conv{i}" for i in range(1, 7)})],
+)
+def test_apply_stage_freezes_the_right_blocks(stage, trainable_blocks):
+    model = _classifier()
+    params = apply_stage(model, stage)
+    trained = {
+        n.split(".")[2] for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad
+    }
+    assert trained == trainable_blocks
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_frozen_encoder_stays_in_eval_mode_and_gets_no_gradient():
+    model = _classifier()
+    apply_stage(model, "head")
+    train_mode(model)
+    assert not model.encoder.training and model.head.training
+    # dropout is live in the head, the encoder gets no gradient
+    loss = model(torch.rand(2, 3, 32, 32)).sum()
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    apply_stage(model, "all")
+    train_mode(model)
+    assert model.encoder.training
+
+
+def test_early_stopping_semantics():
+    stop = EarlyStopping(patience=2, min_delta=0.1)
+    assert stop.update(1.0, 1)
+    assert not stop.update(0.95, 2)  # not better by min_delta
+    assert stop.update(0.8, 3) and stop.bad_epochs == 0
+    assert not stop.update(0.8, 4) and not stop.stopped
+    assert not stop.update(0.9, 5) and stop.stopped
+    assert (stop.best, stop.best_epoch) == (0.8, 3)
+    again = EarlyStopping.from_dict(stop.to_dict())
+    assert again == stop
+    fresh = EarlyStopping(patience=3)
+    assert EarlyStopping.from_dict(fresh.to_dict()).best == math.inf
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    from cxrcae.train.state import optimizer_from_flat, optimizer_to_flat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.rand(5, 4)).pow(2).sum().backward()
+        opt.step()
+    tensors, meta = optimizer_to_flat(opt)
+    assert all(torch.is_tensor(v) for v in tensors.values())
+    import json
+
+    meta = json.loads(json.dumps(meta))  # really JSON
+    twin = torch.optim.Adam(model.parameters(), lr=0.5)
+    twin.load_state_dict(optimizer_from_flat(tensors, meta))
+    assert twin.param_groups[0]["lr"] == 0.01 and tuple(twin.param_groups[0]["betas"]) == (0.8, 0.95)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], twin.state[p][key])
+
+
+def test_rng_state_round_trips():
+    from cxrcae.train.state import capture_rng, restore_rng
+
+    seed_everything(3)
+    tensors, meta = capture_rng()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(10), random.random(), np.random.rand()
+    restore_rng(tensors, meta)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_resume_state_refuses_mixed_files(tmp_path):
+    from cxrcae.errors import CheckpointError
+    from cxrcae.train.state import load_resume_state, save_resume_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    save_resume_state(tmp_path, model, {"kind": "encoder"}, opt, {"epoch": 1})
+    state, tensors, weights = load_resume_state(tmp_path)
+    assert state["epoch"] == 1 and "rng.torch" in tensors and set(weights) == {"weight", "bias"}
+    (tmp_path / "last" / "state.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_resume_state(tmp_path)
+    with pytest.raises(CheckpointError, match="no resume state"):
+        load_resume_state(tmp_path / "elsewhere")
+
+
+def test_class_weights_balance_the_loss():
+    from cxrcae.train.data import class_weights
+
+    w = class_weights([0, 0, 0, 1, 2, 2], 3)
+    assert torch.allclose(w, torch.tensor([6 / 9, 6 / 3, 6 / 6]))
+    with pytest.raises(CxrcaeError, match="no training images"):
+        class_weights([0, 0, 1], 3)
+
+
+def test_classification_metrics():
+    from cxrcae.train.loop import classification_metrics
+
+    cm = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 2, 2]])
+    m = classification_metrics(cm, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
+    assert m["recall"]["b"] == 1.0
+
+
+def test_runtime_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    with pytest.raises(CxrcaeError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(CxrcaeError, match="unknown precision"):
+        resolve_precision("int8", cpu)
+    with pytest.raises(CxrcaeError, match="unknown device|unsupported device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CxrcaeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_config_validation_names_the_option():
+    from cxrcae.train import FinetuneConfig, PretrainConfig
+
+    with pytest.raises(CxrcaeError, match="--image-size"):
+        PretrainConfig(image_size=100).validate()
+    with pytest.raises(CxrcaeError, match="--balance"):
+        FinetuneConfig(balance="oversample").validate()
+    with pytest.raises(CxrcaeError, match="unknown head"):
+        FinetuneConfig(head="transformer").validate()
+    cfg = FinetuneConfig(stages=("head", "gradual"), augment=True)
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_bench_train_step_reports_each_setting():
+    from cxrcae.bench import bench_train_step
+
+    rows = bench_train_step(
+        32, 2, steps=1, warmup=0, device="cpu", settings=[("fp32", False), ("fp16", True)]
+    )
+    assert rows[0]["images_per_s"] > 0 and rows[0]["speedup"] == 1.0
+    assert "fp16" in rows[1]["error"]
