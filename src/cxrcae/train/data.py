@@ -7,6 +7,7 @@ which is what makes ``--resume`` reach the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,13 +37,15 @@ class TrainData:
     dropped_unlabeled: int = 0
 
     def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-        """Provenance for config.json: fingerprint and counts per split (and class)."""
+        """Provenance for config.json: fingerprint and counts per split, ``{split: {class: n}}`` (or
+        ``{split: {"images": n}}`` without classes, e.g. for pretraining)."""
         counts: dict[str, Any] = {}
         for name, records in (("train", self.train), ("val", self.val)):
-            by_class = Counter(r.label or "UNLABELED" for r in records)
-            counts[name] = {"images": len(records)}
+            by_class = Counter(r.label for r in records)
             if class_names:
-                counts[name]["classes"] = {c: by_class.get(c, 0) for c in class_names}
+                counts[name] = {c: by_class.get(c, 0) for c in class_names}
+            else:
+                counts[name] = {"images": len(records)}
         return {
             "source": self.source,
             "fingerprint": dataset_fingerprint([*self.train, *self.val]),
@@ -78,7 +81,8 @@ def pretrain_data(
     from cxrcae.data.splits import make_splits
 
     records = load_records(data, labeled=False)
-    split = _from_split_column(records, str(data), need_labels=False)
+    data = os.path.abspath(data)  # recorded for provenance and --resume from any working directory
+    split = _from_split_column(records, data, need_labels=False)
     if split is not None:
         if not split.val:  # a splits file with train/test only: hold out from train
             split = None
@@ -97,7 +101,7 @@ def pretrain_data(
     if not val:
         val, train = train[-1:], train[:-1]
     write_records(split_recs, out_dir / SPLITS_NAME)
-    return TrainData(train, val, str(data), "on-the-fly")
+    return TrainData(train, val, data, "on-the-fly")
 
 
 def finetune_data(data: str | Path, out_dir: Path, progress: ProgressFn = no_progress) -> TrainData:
@@ -107,18 +111,19 @@ def finetune_data(data: str | Path, out_dir: Path, progress: ProgressFn = no_pro
     from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
 
     records = load_records(data, labeled=True)
+    data = os.path.abspath(data)
     unlabeled = sum(1 for r in records if r.label is None)
     records = [r for r in records if r.label is not None]
     if not records:
         raise DataError(f"{data}: no labelled images")
-    split = _from_split_column(records, str(data), need_labels=True)
+    split = _from_split_column(records, data, need_labels=True)
     if split is None:
         split_recs = make_splits(records, DEFAULT_RATIOS, 0, dedupe=True, progress=progress)
         write_records(split_recs, out_dir / SPLITS_NAME)
         train = [r for r in split_recs if r.split == "train"]
         val = [r for r in split_recs if r.split == "val"]
         test = sum(1 for r in split_recs if r.split == "test")
-        split = TrainData(train, val, str(data), "on-the-fly", excluded_test=test)
+        split = TrainData(train, val, data, "on-the-fly", excluded_test=test)
         if not val:
             raise DataError(f"{data}: too few images for a validation split ({len(records)} labelled)")
     split.dropped_unlabeled = unlabeled
@@ -194,9 +199,13 @@ def augmentation():
         [
             v2.RandomAffine(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05)),
             v2.ColorJitter(brightness=0.1, contrast=0.1),
-            v2.Lambda(lambda x: x.clamp(0.0, 1.0)),
+            v2.Lambda(_clamp01),
         ]
     )
+
+
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0)  # a named function (not a lambda) so spawned DataLoader workers can pickle it
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:

@@ -206,7 +206,7 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
                 best = {"epoch": epoch, "stage": plan.name, "val_loss": val.loss, "metrics": metrics}
                 stage_log[-1]["best_epoch"] = epoch
                 outcome = FitOutcome(history, best, stage_log, skipped)
-                save_checkpoint(model, out / BEST, run.model_config(outcome.summary()))
+                _save_best(model, out, run.model_config(outcome.summary()))
             write_history(out / HISTORY_NAME, history)
             payload = {
                 **run.payload,
@@ -229,8 +229,15 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
         load_state_strict(model, best_state, f"{out}/{BEST}")
     outcome = FitOutcome(history, best, stage_log, skipped, time.perf_counter() - started)
     if best_state is not None:  # final config (epochs run, stages) next to the same best weights
-        save_checkpoint(model, out / BEST, run.model_config(outcome.summary()))
+        _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
+
+
+def _save_best(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
+    """OUT/best: weights + config.json + a README.md model card written from that config."""
+    from cxrcae.card import build_card
+
+    save_checkpoint(model, out / BEST, config, card=build_card(config))
 
 
 def _n_batches(available: int, limit: int | None) -> int:

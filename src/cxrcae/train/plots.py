@@ -30,8 +30,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def loss_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train/val loss per epoch (log scale), stage boundaries dashed, best epoch marked; plus validation
-    accuracy in a second panel when the history has it."""
+    """Train/val loss per epoch (log scale when it spans decades), stage boundaries dashed, best epoch
+    marked; validation accuracy in a second panel when the history has it."""
     plt = _figure()
     epochs = [r["epoch"] for r in history]
     has_acc = any("val_accuracy" in r for r in history)
@@ -46,7 +46,7 @@ def loss_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
             [last_best["epoch"]], [last_best["val_loss"]], "*", ms=14, color="gold", mec="k", label="best"
         )
     losses = [r[k] for r in history for k in ("train_loss", "val_loss")]
-    if losses and min(losses) > 0:
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:  # log only when it spans decades
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

@@ -38,7 +38,8 @@ def finetune_command(
         str | None,
         typer.Option(
             "--encoder",
-            help="Pretrained encoder: a CAE or classifier checkpoint folder, a Hub id user/repo[@rev], "
+            help="Pretrained encoder: a CAE or classifier checkpoint folder, a Hub id user/repo "
+            "(or user/repo@rev), "
             "or 'none' for random initialisation (the baseline that shows what pretraining buys).",
         ),
     ] = None,
