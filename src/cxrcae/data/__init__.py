@@ -16,15 +16,21 @@ from cxrcae.data.records import (
     load_records,
     write_records,
 )
+from cxrcae.data.splits import DEFAULT_RATIOS, SplitResult, make_splits, split_records, split_summary
 
 __all__ = [
     "SPLITS",
     "UNLABELED",
     "Record",
     "XrayDataset",
+    "DEFAULT_RATIOS",
+    "SplitResult",
     "class_names",
     "dataset_fingerprint",
     "load_records",
+    "make_splits",
+    "split_records",
+    "split_summary",
     "write_records",
 ]
 
