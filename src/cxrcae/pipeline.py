@@ -136,7 +136,7 @@ def _splits_file(data: Path, out: Path, seed: int, progress: ProgressFn) -> Path
     """DATA's own split when it has one, else a leak-free split written to OUT/splits.csv."""
     from cxrcae.data import load_records, make_splits, write_records
 
-    records = load_records(data, labeled=False)
+    records = load_records(data, labeled=True)  # a class folder keeps its labels; UNLABELED rows stay in
     if any(r.split for r in records):
         return data.resolve()
     labelled = [r for r in records if r.label is not None]
