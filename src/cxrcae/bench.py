@@ -1,18 +1,58 @@
-"""Micro-benchmarks of the training step, so precision / memory-format defaults rest on measurements.
+"""Benchmarks: figures for the training steps and for prediction, optionally beside the Keras reference.
 
-``bench_train_step`` times the CAE's full training step (forward, MSE, backward, Adam) on random
-inputs for several (precision, channels_last) settings side by side; ``cxrcae bench`` can call it.
+Speed is never asserted in tests (these machines are noisy); it is measured here and compared as ratios taken
+side by side in one run. ``cxrcae bench`` prints these rows. The Keras peer is the paper's own models in
+TensorFlow (``keras_reference.py``), run in the Python that has TensorFlow installed.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from cxrcae.errors import CxrcaeError
 from cxrcae.progress import ProgressFn, no_progress
 
 DEFAULT_SETTINGS: tuple[tuple[str, bool], ...] = (("fp32", False), ("fp32", True), ("bf16", True))
+TRAIN_TASKS = ("pretrain", "finetune-frozen", "finetune")
+
+
+def _median_seconds(
+    step: Callable[[], Any], warmup: int, steps: int, sync: Callable[[], None], report
+) -> float:
+    """Median wall time of ``step`` after ``warmup`` untimed calls (oneDNN picks kernels on the first)."""
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        report(i + 1, warmup + steps)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _train_model(task: str, image_size: int):
+    """The model and loss of one training step of ``task``, as the training loop builds them."""
+    import torch.nn.functional as F
+
+    from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
+
+    if task == "pretrain":
+        return ConvAutoencoder(CAEEncoder(), CAEDecoder()), lambda out, x, y: F.mse_loss(out.float(), x)
+    model = CXRClassifier(CAEEncoder(), build_head("lstm", 3, image_size))
+    if task == "finetune-frozen":
+        from cxrcae.train.unfreeze import apply_stage
+
+        apply_stage(model, "head")
+    return model, lambda out, x, y: F.cross_entropy(out.float(), y)
 
 
 def bench_train_step(
@@ -23,24 +63,25 @@ def bench_train_step(
     settings: Sequence[tuple[str, bool]] = DEFAULT_SETTINGS,
     device: str = "auto",
     seed: int = 0,
+    task: str = "pretrain",
     progress: ProgressFn = no_progress,
 ) -> list[dict[str, Any]]:
     """One row per (precision, channels_last): median step seconds, images/s and speed-up vs the first row.
 
-    Each setting gets a freshly seeded model and optimizer and ``warmup`` untimed steps (oneDNN picks
-    kernels on the first calls). A setting the device cannot run (e.g. fp16 on CPU) gets an ``error``.
+    ``task``: ``pretrain`` (CAE, MSE), ``finetune-frozen`` (head stage: encoder frozen and in eval mode) or
+    ``finetune`` (everything trains). Each setting gets a freshly seeded model and Adam optimizer; a setting
+    the device cannot run (e.g. fp16 on CPU) gets an ``error``.
     """
-    import torch
-    import torch.nn.functional as F
 
-    from cxrcae.errors import CxrcaeError
-    from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
-    from cxrcae.runtime import autocast, resolve_device, resolve_precision
+    from cxrcae.runtime import resolve_device, resolve_precision
 
+    if task not in TRAIN_TASKS:
+        raise CxrcaeError(f"unknown benchmark task {task!r}; use one of {', '.join(TRAIN_TASKS)}")
     dev = resolve_device(device)
     rows: list[dict[str, Any]] = []
     for precision, channels_last in settings:
         row: dict[str, Any] = {
+            "task": task,
             "precision": precision,
             "channels_last": channels_last,
             "image_size": image_size,
@@ -52,35 +93,155 @@ def bench_train_step(
         except CxrcaeError as exc:
             rows.append({**row, "error": str(exc)})
             continue
-        torch.manual_seed(seed)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = ConvAutoencoder(CAEEncoder(), CAEDecoder()).to(dev, memory_format=memory_format).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        x = torch.rand(batch_size, 3, image_size, image_size, device=dev).contiguous(
-            memory_format=memory_format
+        label = f"{task} {precision} {'NHWC' if channels_last else 'NCHW'}"
+        seconds, loss = _time_train_step(
+            task,
+            image_size,
+            batch_size,
+            dev,
+            dtype,
+            channels_last,
+            seed,
+            warmup,
+            steps,
+            lambda done, total, label=label: progress(label, done, total),
         )
-        task = f"{precision} {'NHWC' if channels_last else 'NCHW'}"
-        times = []
-        for i in range(warmup + steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            start = time.perf_counter()
-            with autocast(dev, dtype):
-                out = model(x)
-            loss = F.mse_loss(out.float(), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-            progress(task, i + 1, warmup + steps)
-        times.sort()
-        median = times[len(times) // 2]
-        rows.append({**row, "step_s": median, "images_per_s": batch_size / median, "loss": loss.item()})
+        rows.append({**row, "step_s": seconds, "images_per_s": batch_size / seconds, "loss": loss})
     base = next((r["images_per_s"] for r in rows if "images_per_s" in r), None)
     for r in rows:
         if "images_per_s" in r and base:
             r["speedup"] = r["images_per_s"] / base
     return rows
+
+
+def _time_train_step(
+    task: str,
+    image_size: int,
+    batch_size: int,
+    dev,
+    dtype,
+    channels_last: bool,
+    seed: int,
+    warmup: int,
+    steps: int,
+    report,
+) -> tuple[float, float]:
+    """Median seconds of one optimiser step of ``task`` on random data, and the last loss."""
+    import torch
+
+    from cxrcae.runtime import autocast
+
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model, loss_fn = _train_model(task, image_size)
+    model = model.to(dev, memory_format=fmt).train()
+    if task == "finetune-frozen":
+        model.encoder.eval()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 3, (batch_size,), device=dev)
+    last = {"loss": float("nan")}
+
+    def step() -> None:
+        with autocast(dev, dtype):
+            out = model(x)
+        loss = loss_fn(out, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last["loss"] = loss.item()
+
+    return _median_seconds(step, warmup, steps, _sync(dev), report), last["loss"]
+
+
+def _sync(dev) -> Callable[[], None]:
+    import torch
+
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def bench_predict(
+    inputs: Sequence[str | Path],
+    model: str | Path | None = None,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: ProgressFn = no_progress,
+) -> list[dict[str, Any]]:
+    """End-to-end ``predict`` (decode, resize, forward) beside decoding alone, on the same files.
+
+    Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used: throughput does not
+    depend on the weights.
+    """
+    from cxrcae.io import find_images, load_for_model
+    from cxrcae.predict import iter_predictions
+
+    files, _ = find_images(inputs)
+    if not files:
+        raise CxrcaeError(f"no images found in {', '.join(map(str, inputs))}")
+    with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
+        ref = model if model is not None else _untrained_classifier(Path(tmp) / "model", image_size)
+        from cxrcae.models.checkpoint import read_config, resolve_checkpoint
+
+        config = read_config(resolve_checkpoint(ref))
+        size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
+
+        start = time.perf_counter()
+        for i, path in enumerate(files):
+            load_for_model(path, size, mode)
+            progress("decode only", i + 1, len(files))
+        decode_s = time.perf_counter() - start
+
+        # one untimed batch so model loading and kernel selection are not counted
+        for _ in iter_predictions(files[:1], ref, batch_size=1, device=device, precision=precision):
+            pass
+        start = time.perf_counter()
+        ok = 0
+        for i, pred in enumerate(
+            iter_predictions(
+                files, ref, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision
+            )
+        ):
+            ok += pred.ok
+            progress("predict", i + 1, len(files))
+        predict_s = time.perf_counter() - start
+    common = {"images": len(files), "image_size": size, "batch_size": batch_size, "num_workers": num_workers}
+    return [
+        {"task": "decode only", **common, "seconds": decode_s, "images_per_s": len(files) / decode_s},
+        {"task": "predict", **common, "seconds": predict_s, "images_per_s": len(files) / predict_s, "ok": ok},
+    ]
+
+
+def _untrained_classifier(folder: Path, image_size: int) -> Path:
+    from cxrcae.models import build_model
+    from cxrcae.models.checkpoint import save_checkpoint
+
+    config = {
+        "kind": "classifier",
+        "head": "lstm",
+        "image_size": image_size,
+        "class_names": ["COVID", "NORMAL", "PNEUMONIA"],
+        "resize_mode": "stretch",
+    }
+    save_checkpoint(build_model(config), folder, config)
+    return folder
+
+
+def keras_reference(
+    python: str | Path, script: str | Path, task: str, *args: str, timeout: float = 3600
+) -> dict[str, Any]:
+    """Run ``keras_reference.py TASK ARGS`` in ``python`` (a TensorFlow environment); its JSON line."""
+    cmd = [str(python), str(script), task, *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CxrcaeError(f"Keras reference could not run ({' '.join(cmd)}): {exc}") from None
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CxrcaeError(f"Keras reference failed (exit {done.returncode}): {tail}")
+    return json.loads(lines[-1])

@@ -1,0 +1,154 @@
+"""``cxrcae bench``: speed of training steps and prediction, optionally beside the Keras reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cxrcae.cli.app import app
+from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, make_table, print_json
+
+SETTINGS = {
+    "fp32:nchw": ("fp32", False),
+    "fp32:nhwc": ("fp32", True),
+    "bf16:nhwc": ("bf16", True),
+    "bf16:nchw": ("bf16", False),
+    "fp16:nhwc": ("fp16", True),
+}
+
+
+@app.command("bench")
+def bench_command(
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated: pretrain, finetune-frozen, finetune.")
+    ] = "pretrain,finetune-frozen,finetune",
+    predict: Annotated[
+        list[Path] | None,
+        typer.Option("--predict", help="Also time `predict` (and decoding alone) on these files/folders."),
+    ] = None,
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=32, help="Input size (multiple of 32).")
+    ] = 224,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training batch size.")] = 16,
+    predict_batch_size: Annotated[int, typer.Option("--predict-batch-size", min=1)] = 32,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per setting (median).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
+    settings: Annotated[
+        str, typer.Option("--settings", help=f"precision:layout pairs to compare: {', '.join(SETTINGS)}.")
+    ] = "fp32:nchw,fp32:nhwc,bf16:nhwc",
+    keras_python: Annotated[
+        Path | None, typer.Option("--keras-python", help="A Python with TensorFlow, to run the Keras peer.")
+    ] = None,
+    keras_script: Annotated[
+        Path | None, typer.Option("--keras-script", help="Path of keras_reference.py (the paper's models).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Images/s of the training steps and of prediction; ratios are taken side by side in this one run."""
+    from cxrcae.bench import TRAIN_TASKS, bench_predict, bench_train_step, keras_reference
+    from cxrcae.cli.common import progress_bar
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    bad = [t for t in task_list if t not in TRAIN_TASKS]
+    if bad:
+        raise typer.BadParameter(f"unknown task(s) {', '.join(bad)}", param_hint="--tasks")
+    try:
+        pairs = [SETTINGS[s.strip().lower()] for s in settings.split(",") if s.strip()]
+    except KeyError as exc:
+        raise typer.BadParameter(f"unknown setting {exc.args[0]}", param_hint="--settings") from None
+    if (keras_python is None) != (keras_script is None):
+        raise typer.BadParameter("give both --keras-python and --keras-script", param_hint="--keras-python")
+
+    rows: list[dict[str, Any]] = []
+    with progress_bar(quiet or json_out) as progress:
+        for task in task_list:
+            ours = bench_train_step(
+                image_size, batch_size, steps, warmup, pairs, device, task=task, progress=progress
+            )
+            rows += [{"impl": "cxrcae", **r} for r in ours]
+            if keras_python is not None:
+                args = ["--size", str(image_size), "--batch", str(batch_size), "--steps", str(steps)]
+                peer_task = "pretrain" if task == "pretrain" else "finetune"
+                if task == "finetune-frozen":
+                    args.append("--frozen")
+                progress(f"{task} keras", 0, 1)
+                peer = keras_reference(keras_python, keras_script, peer_task, *args)
+                progress(f"{task} keras", 1, 1)
+                rows.append(
+                    {
+                        "impl": "keras",
+                        "task": task,
+                        "precision": "fp32",
+                        "images_per_s": peer["images_per_s"],
+                        "image_size": image_size,
+                        "batch_size": batch_size,
+                        "tf": peer.get("tf"),
+                    }
+                )
+        if predict:
+            ours = bench_predict(
+                predict, None, image_size, predict_batch_size, device=device, progress=progress
+            )
+            rows += [{"impl": "cxrcae", **r} for r in ours]
+            if keras_python is not None:
+                for folder in predict:
+                    peer = keras_reference(
+                        keras_python,
+                        keras_script,
+                        "predict",
+                        str(folder),
+                        "--size",
+                        str(image_size),
+                        "--batch",
+                        str(predict_batch_size),
+                    )
+                    rows.append(
+                        {
+                            "impl": "keras",
+                            "task": "predict",
+                            "images_per_s": peer["images_per_s"],
+                            "images": peer.get("images"),
+                            "image_size": image_size,
+                        }
+                    )
+    _add_ratios(rows)
+    if json_out:
+        print_json(rows)
+    elif not quiet:
+        _render(rows)
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each cxrcae row's speed relative to the Keras row of the same task, when there is one."""
+    peers = {r["task"]: r["images_per_s"] for r in rows if r["impl"] == "keras"}
+    for r in rows:
+        if r["impl"] == "cxrcae" and r["task"] in peers and r.get("images_per_s"):
+            r["vs_keras"] = r["images_per_s"] / peers[r["task"]]
+
+
+def _render(rows: list[dict[str, Any]]) -> None:
+    table_rows = []
+    for r in rows:
+        layout = "" if "channels_last" not in r else ("NHWC" if r["channels_last"] else "NCHW")
+        setting = " ".join(x for x in (r.get("precision", ""), layout) if x)
+        speed = r.get("images_per_s")
+        table_rows.append(
+            [
+                r["task"],
+                r["impl"],
+                setting,
+                f"{speed:.2f}" if speed else r.get("error", ""),
+                f"{r['vs_keras']:.2f}x" if "vs_keras" in r else "",
+            ]
+        )
+    console.print(
+        make_table(
+            "Benchmark (images/s, median of timed steps)",
+            ["task", "impl", "setting", "images/s", "vs keras"],
+            table_rows,
+        )
+    )
