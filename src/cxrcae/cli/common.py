@@ -32,6 +32,27 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, init, shuffling).")]
 NumWorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 where faster: CUDA GPUs, CPUs with AMX; else fp32), fp32, bf16, fp16 (GPU only).",
+    ),
+]
+InferenceBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+DecodeWorkersOpt = Annotated[
+    int | None,
+    typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
+]
+
+
+def workers_or_default(num_workers: int | None) -> int:
+    """Decode in parallel by default, leaving a core for the model."""
+    if num_workers is not None:
+        return num_workers
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def print_json(data: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,14 +22,6 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 LimitBatchesOpt = Annotated[
     int | None,
     typer.Option("--limit-batches", min=1, help="At most N train and N val batches per epoch (smoke runs)."),
-]
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        "--precision",
-        help="auto (bf16 where the CPU/GPU supports it natively, else fp32), fp32, bf16, fp16 (GPU only).",
-        rich_help_panel=RUNTIME,
-    ),
 ]
 ChannelsLastOpt = Annotated[
     bool,
@@ -64,10 +55,6 @@ ResumeOpt = Annotated[
         "(only --device and --num-workers may change).",
     ),
 ]
-
-
-def default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def require_data_and_out(data: Path | None, out: Path | None, resume: Path | None) -> None:

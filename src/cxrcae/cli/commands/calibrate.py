@@ -8,8 +8,18 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.commands.predict import PrecisionOpt, default_workers
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, make_table, print_json
+from cxrcae.cli.common import (
+    DecodeWorkersOpt,
+    DeviceOpt,
+    InferenceBatchOpt,
+    JsonOpt,
+    PrecisionOpt,
+    QuietOpt,
+    console,
+    make_table,
+    print_json,
+    workers_or_default,
+)
 
 
 @app.command("calibrate")
@@ -18,13 +28,8 @@ def calibrate_command(
         Path, typer.Argument(help="Local classifier checkpoint folder (its config.json is updated).")
     ],
     data: Annotated[Path, typer.Argument(help="Splits CSV; its 'val' rows are used.")],
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 32,
-    num_workers: Annotated[
-        int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
-    ] = None,
+    batch_size: InferenceBatchOpt = 32,
+    num_workers: DecodeWorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
@@ -43,7 +48,7 @@ def calibrate_command(
             model,
             data,
             batch_size=batch_size,
-            num_workers=default_workers() if num_workers is None else num_workers,
+            num_workers=workers_or_default(num_workers),
             device=device,
             precision=precision,
             progress=progress,

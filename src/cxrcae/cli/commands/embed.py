@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, err_console, make_table, print_json
+from cxrcae.cli.common import (
+    DecodeWorkersOpt,
+    DeviceOpt,
+    InferenceBatchOpt,
+    JsonOpt,
+    QuietOpt,
+    console,
+    err_console,
+    make_table,
+    print_json,
+    workers_or_default,
+)
 
 EXIT_SOME_FAILED = 3  # the same code predict uses when some files could not be read
 _LISTED = 5
@@ -31,13 +42,8 @@ def embed_command(
             "--pooled/--no-pooled", help="Global-average-pooled 512-d vectors, or full 512 x h x w maps."
         ),
     ] = True,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 32,
-    num_workers: Annotated[
-        int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes [default: CPUs-1, max 4]."),
-    ] = None,
+    batch_size: InferenceBatchOpt = 32,
+    num_workers: DecodeWorkersOpt = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
     ] = True,
@@ -53,12 +59,11 @@ def embed_command(
     Beside OUTPUT, <stem>.index.csv lists every input (index, path, status, reason, row): the feature row of
     each file, or why it could not be read. Exit codes: 0 = all embedded; 3 = some files failed; 1 = none ran.
     """
-    from cxrcae.cli.commands.predict import default_workers
     from cxrcae.cli.common import progress_bar
     from cxrcae.embed import embed, output_format
 
     output_format(output)  # fail before loading anything on a bad extension or missing pyarrow
-    workers = default_workers() if num_workers is None else num_workers
+    workers = workers_or_default(num_workers)
     with progress_bar(quiet or json_out) as progress:
         result = embed(
             paths,

@@ -8,16 +8,19 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.commands.predict import PrecisionOpt, default_workers
 from cxrcae.cli.common import (
+    DecodeWorkersOpt,
     DeviceOpt,
+    InferenceBatchOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
     console,
     err_console,
     make_table,
     print_json,
+    workers_or_default,
 )
 
 
@@ -49,13 +52,8 @@ def evaluate_command(
     html: Annotated[
         bool, typer.Option("--html/--no-html", help="Also write a single-file report.html.")
     ] = True,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 32,
-    num_workers: Annotated[
-        int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
-    ] = None,
+    batch_size: InferenceBatchOpt = 32,
+    num_workers: DecodeWorkersOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -77,7 +75,7 @@ def evaluate_command(
             split,
             out_dir=out,
             batch_size=batch_size,
-            num_workers=default_workers() if num_workers is None else num_workers,
+            num_workers=workers_or_default(num_workers),
             device=device,
             precision=precision,
             n_bootstrap=bootstrap,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,16 +9,21 @@ from typing import Annotated, Any
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, err_console, make_table, print_json
+from cxrcae.cli.common import (
+    DecodeWorkersOpt,
+    DeviceOpt,
+    InferenceBatchOpt,
+    JsonOpt,
+    PrecisionOpt,
+    QuietOpt,
+    console,
+    err_console,
+    make_table,
+    print_json,
+    workers_or_default,
+)
 
 EXIT_SOME_FAILED = 3  # keep in sync with cxrcae.predict.EXIT_SOME_FAILED (not imported: torch-free module)
-
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (GPU).")]
-
-
-def default_workers() -> int:
-    """Decode in parallel, leaving a core for the model."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 @app.command("predict")
@@ -50,13 +54,8 @@ def predict_command(
         Path | None,
         typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
     ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 32,
-    num_workers: Annotated[
-        int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
-    ] = None,
+    batch_size: InferenceBatchOpt = 32,
+    num_workers: DecodeWorkersOpt = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
     ] = True,
@@ -81,7 +80,7 @@ def predict_command(
 
     if output is not None:
         output_format(output)  # fail before any work on a bad extension
-    workers = default_workers() if num_workers is None else num_workers
+    workers = workers_or_default(num_workers)
     counts = {"ok": 0, "error": 0, "skipped": 0}
     shown: list[Any] = []
     errors: list[Any] = []

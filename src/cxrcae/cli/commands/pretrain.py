@@ -15,14 +15,12 @@ from cxrcae.cli.commands._training import (
     ImageSizeOpt,
     LimitBatchesOpt,
     OutOpt,
-    PrecisionOpt,
     ResumeOpt,
     TrainWorkersOpt,
-    default_workers,
     render_result,
     require_data_and_out,
 )
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+from cxrcae.cli.common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt, workers_or_default
 
 
 @app.command("pretrain")
@@ -94,7 +92,7 @@ def pretrain_command(
                 device=device,
                 precision=precision,
                 channels_last=channels_last,
-                num_workers=default_workers() if num_workers is None else num_workers,
+                num_workers=workers_or_default(num_workers),
                 limit_batches=limit_batches,
                 resize_mode=resize_mode,
                 augment=augment,

@@ -8,8 +8,19 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.commands.predict import EXIT_SOME_FAILED, default_workers
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, console, err_console, make_table, print_json
+from cxrcae.cli.commands.predict import EXIT_SOME_FAILED
+from cxrcae.cli.common import (
+    DecodeWorkersOpt,
+    DeviceOpt,
+    InferenceBatchOpt,
+    JsonOpt,
+    QuietOpt,
+    console,
+    err_console,
+    make_table,
+    print_json,
+    workers_or_default,
+)
 
 
 @app.command("reconstruct")
@@ -23,13 +34,8 @@ def reconstruct_command(
         float,
         typer.Option("--error-max", min=1e-6, help="Absolute error shown at full colour in the error panel."),
     ] = 0.25,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 16,
-    num_workers: Annotated[
-        int | None,
-        typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
-    ] = None,
+    batch_size: InferenceBatchOpt = 16,
+    num_workers: DecodeWorkersOpt = None,
     show: Annotated[int, typer.Option("--show", min=0, help="Rows shown in the terminal table.")] = 30,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -50,7 +56,7 @@ def reconstruct_command(
             paths,
             out,
             batch_size=batch_size,
-            num_workers=default_workers() if num_workers is None else num_workers,
+            num_workers=workers_or_default(num_workers),
             device=device,
             error_max=error_max,
             progress=progress,

@@ -11,11 +11,19 @@ from cxrcae.cli.app import app
 from cxrcae.cli.commands._training import (
     ImageSizeOpt,
     LimitBatchesOpt,
-    PrecisionOpt,
     TrainWorkersOpt,
-    default_workers,
 )
-from cxrcae.cli.common import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, console, make_table, print_json
+from cxrcae.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    QuietOpt,
+    SeedOpt,
+    console,
+    make_table,
+    print_json,
+    workers_or_default,
+)
 
 
 @app.command("reproduce")
@@ -71,7 +79,7 @@ def reproduce_command(
         seed=seed,
         device=device,
         precision=precision,
-        num_workers=default_workers() if num_workers is None else num_workers,
+        num_workers=workers_or_default(num_workers),
         limit_batches=limit_batches,
         n_bootstrap=bootstrap,
         audit=audit,
