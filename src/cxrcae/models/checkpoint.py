@@ -171,7 +171,7 @@ def _few(items: list[str], n: int = 5) -> str:
 
 
 def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights strictly; returns (model in eval mode, config)."""
+    """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config)."""
     folder = resolve_checkpoint(ref)
     config = read_config(folder)
     model = build_model(config)
