@@ -62,6 +62,18 @@ def tiny_labelled_folder(tmp_path_factory, shared_data, shared_manifest_rows) ->
     return root
 
 
+@pytest.fixture(scope="session")
+def mini_folder(tiny_labelled_folder, tmp_path_factory) -> Path:
+    """4 images per class (symlinks into ``tiny_labelled_folder``): for tests of mechanics, not learning."""
+    root = tmp_path_factory.mktemp("mini") / "data"
+    for class_dir in sorted(tiny_labelled_folder.iterdir()):
+        for src in sorted(class_dir.iterdir())[:4]:
+            dest = root / class_dir.name / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(src.resolve())
+    return root
+
+
 @pytest.fixture
 def cli():
     """Invoke the real Typer app in-process: ``cli("split", str(path))`` -> click Result."""

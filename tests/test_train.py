@@ -36,18 +36,6 @@ def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
     return finetune(tiny_labelled_folder, out, cfg)
 
 
-@pytest.fixture(scope="module")
-def mini_folder(tiny_labelled_folder, tmp_path_factory) -> Path:
-    """4 images per class: for the tests that check mechanics, not learning."""
-    root = tmp_path_factory.mktemp("mini") / "data"
-    for class_dir in sorted(tiny_labelled_folder.iterdir()):
-        for src in sorted(class_dir.iterdir())[:4]:
-            dest = root / class_dir.name / src.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.symlink_to(src.resolve())
-    return root
-
-
 def _config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 

@@ -5,26 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def mini(tiny_labelled_folder, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli-mini") / "data"
-    for class_dir in sorted(tiny_labelled_folder.iterdir()):
-        for src in sorted(class_dir.iterdir())[:4]:
-            dest = root / class_dir.name / src.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.symlink_to(src.resolve())
-    return root
-
-
 SMOKE = ["--image-size", "32", "--batch-size", "4", "--limit-batches", "1", "--num-workers", "0"]
 
 
-def test_pretrain_then_finetune_cli(cli, mini, tmp_path):
+def test_pretrain_then_finetune_cli(cli, mini_folder, tmp_path):
     res = cli(
-        "pretrain", mini, "--out", tmp_path / "cae", "--epochs", "1", "--precision", "fp32", *SMOKE, "--json"
+        "pretrain",
+        mini_folder,
+        "--out",
+        tmp_path / "cae",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        *SMOKE,
+        "--json",
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
@@ -33,7 +28,7 @@ def test_pretrain_then_finetune_cli(cli, mini, tmp_path):
     assert Path(summary["files"]["reconstructions"]).is_file()
 
     res = cli(
-        "finetune", mini, "--encoder", tmp_path / "cae" / "best", "--out", tmp_path / "clf",
+        "finetune", mini_folder, "--encoder", tmp_path / "cae" / "best", "--out", tmp_path / "clf",
         "--epochs", "1", "--stages", "head,conv6", "--balance", "loss", "--augment", "--precision", "fp32",
         *SMOKE,
     )  # fmt: skip
@@ -45,15 +40,27 @@ def test_pretrain_then_finetune_cli(cli, mini, tmp_path):
     assert cfg["training"]["stages"] == ["head", "conv6"]
 
 
-def test_finetune_requires_encoder_choice(cli, mini, tmp_path):
-    res = cli("finetune", mini, "--out", tmp_path / "clf", *SMOKE)
+def test_finetune_requires_encoder_choice(cli, mini_folder, tmp_path):
+    res = cli("finetune", mini_folder, "--out", tmp_path / "clf", *SMOKE)
     assert res.exit_code == 2
     assert "--encoder" in res.output
 
 
-def test_finetune_encoder_none_and_resume_cli(cli, mini, tmp_path):
+def test_finetune_encoder_none_and_resume_cli(cli, mini_folder, tmp_path):
     out = tmp_path / "clf"
-    args = ["finetune", mini, "--encoder", "none", "--out", out, "--stages", "all", "--epochs", "1", *SMOKE]
+    args = [
+        "finetune",
+        mini_folder,
+        "--encoder",
+        "none",
+        "--out",
+        out,
+        "--stages",
+        "all",
+        "--epochs",
+        "1",
+        *SMOKE,
+    ]
     res = cli(*args, "--quiet")
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == ""  # --quiet: nothing on stdout
@@ -68,11 +75,13 @@ def test_finetune_encoder_none_and_resume_cli(cli, mini, tmp_path):
     assert res.exit_code == 1 and "not a pretrain run" in res.output
 
 
-def test_cli_errors_are_one_line(cli, mini, tmp_path):
-    res = cli("pretrain", mini, "--out", tmp_path / "a", "--precision", "fp16", "--device", "cpu", *SMOKE)
+def test_cli_errors_are_one_line(cli, mini_folder, tmp_path):
+    res = cli(
+        "pretrain", mini_folder, "--out", tmp_path / "a", "--precision", "fp16", "--device", "cpu", *SMOKE
+    )
     assert res.exit_code == 1
     assert "Error:" in res.output and "fp16" in res.output and "Traceback" not in res.output
-    res = cli("finetune", mini, "--encoder", tmp_path / "missing", "--out", tmp_path / "b", *SMOKE)
+    res = cli("finetune", mini_folder, "--encoder", tmp_path / "missing", "--out", tmp_path / "b", *SMOKE)
     assert res.exit_code == 1 and "no such checkpoint" in res.output
     res = cli("pretrain", tmp_path / "nowhere", "--out", tmp_path / "c", *SMOKE)
     assert res.exit_code == 1 and "no such file" in res.output
