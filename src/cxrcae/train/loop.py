@@ -94,6 +94,24 @@ def _check_finite(value: float, where: str) -> None:
         raise NonFiniteLossError(f"loss became {value} at {where}")
 
 
+def _forward_batches(model, loader, objective, rt: Runtime, limit: int | None, skipped: list[str], what: str):
+    """Readable batches through ``objective`` under autocast: (step, n, loss, loss value, outputs, labels).
+
+    Unreadable files are appended to ``skipped``; a non-finite loss stops the run naming ``what`` and step.
+    """
+    for step, batch in _batches(loader, limit):
+        skipped += batch.get("skipped", [])
+        if len(batch["image"]) == 0:
+            continue
+        images = rt.images(batch)
+        labels = batch["label"].to(rt.device, non_blocking=True)
+        with autocast(rt.device, rt.dtype):
+            loss, out = objective(model, images, labels)
+        value = loss.item()
+        _check_finite(value, f"{what} step {step}")
+        yield step, len(images), loss, value, out, labels
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -111,21 +129,13 @@ def train_one_epoch(
     train_mode(model)
     loss_sum, seen, skipped = 0.0, 0, []
     start = time.perf_counter()
-    for step, batch in _batches(loader, limit_batches):
-        skipped += batch.get("skipped", [])
-        if len(batch["image"]) == 0:
-            continue
-        images = rt.images(batch)
-        labels = batch["label"].to(rt.device, non_blocking=True)
-        with autocast(rt.device, rt.dtype):
-            loss, _ = objective(model, images, labels)
-        value = loss.item()
-        _check_finite(value, f"{where}, training step {step}")
+    batches = _forward_batches(model, loader, objective, rt, limit_batches, skipped, f"{where}, training")
+    for step, n, loss, value, _, _ in batches:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += value * len(images)
-        seen += len(images)
+        loss_sum += value * n
+        seen += n
         rate = seen / max(time.perf_counter() - start, 1e-9)
         progress(task, step, total, f"train loss {loss_sum / seen:.4g} · {rate:.1f} img/s")
     seconds = time.perf_counter() - start
@@ -156,18 +166,12 @@ def evaluate(
     loss_sum, seen, skipped = 0.0, 0, []
     start = time.perf_counter()
     try:
-        for step, batch in _batches(loader, limit_batches):
-            skipped += batch.get("skipped", [])
-            if len(batch["image"]) == 0:
-                continue
-            images = rt.images(batch)
-            labels = batch["label"].to(rt.device, non_blocking=True)
-            with autocast(rt.device, rt.dtype):
-                loss, out = objective(model, images, labels)
-            value = loss.item()
-            _check_finite(value, f"{where}, validation step {step}")
-            loss_sum += value * len(images)
-            seen += len(images)
+        batches = _forward_batches(
+            model, loader, objective, rt, limit_batches, skipped, f"{where}, validation"
+        )
+        for step, n, _, value, out, labels in batches:
+            loss_sum += value * n
+            seen += n
             if confusion is not None:
                 pred = out.float().argmax(dim=1).cpu()
                 index = labels.cpu() * n_classes + pred
