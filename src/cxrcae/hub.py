@@ -303,6 +303,15 @@ def find_metrics(model_dir: Path) -> Path | None:
     return None
 
 
+def _read_metrics(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CxrcaeError(f"{path}: unreadable metrics file ({_first_line(exc)})") from None
+
+
 def prepare_upload(
     model_dir: str | Path,
     staging: Path,
@@ -339,19 +348,12 @@ def prepare_upload(
     else:
         shutil.copyfile(src / WEIGHTS_NAME, staging / WEIGHTS_NAME)  # byte for byte: the sha256 still matches
         shutil.copyfile(src / CONFIG_NAME, staging / CONFIG_NAME)
-    metrics_path = Path(metrics) if metrics is not None else find_metrics(src)
     if card is not None:
         text = Path(card).read_text("utf-8")
     else:
-        metrics_data = None
-        if (
-            metrics_path is not None and not encoder_only
-        ):  # a classifier's test metrics do not describe its encoder
-            try:
-                metrics_data = json.loads(metrics_path.read_text("utf-8"))
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CxrcaeError(f"{metrics_path}: unreadable metrics file ({_first_line(exc)})") from None
-        text = build_card(config, metrics_data, repo_id=repo_id)
+        # a classifier's test metrics do not describe its encoder alone
+        metrics_path = None if encoder_only else Path(metrics) if metrics is not None else find_metrics(src)
+        text = build_card(config, _read_metrics(metrics_path), repo_id=repo_id)
     atomic_write_text(staging / CARD_NAME, text)
     return config
 
