@@ -11,8 +11,9 @@ from typing import Any
 
 from cxrcae.errors import CxrcaeError
 
-BALANCE_MODES = ("none", "loss", "sampler")
-"""``loss``: class-weighted cross-entropy (n / (k * n_c)); ``sampler``: WeightedRandomSampler."""
+BALANCE_MODES = ("none", "loss", "sampler", "source")
+"""``loss``: class-weighted cross-entropy (n / (k * n_c)); ``sampler``: WeightedRandomSampler over classes;
+``source``: WeightedRandomSampler over classes and, inside each class, over sources (square-root shares)."""
 
 
 @dataclass(kw_only=True)

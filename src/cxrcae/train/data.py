@@ -217,6 +217,31 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     return (counts.sum() / (n_classes * counts)).float()
 
 
+def source_balanced_weights(labels: Sequence[int], sources: Sequence[str | None]) -> torch.Tensor:
+    """Per-image sampling weights for ``--balance source``: every class gets the same total weight, and
+    inside a class each source gets a share proportional to the square root of its image count.
+
+    Why: in public COVID sets each class comes mostly from one source (radiography-db pneumonia is largely
+    pediatric), so a model can learn the source instead of the disease. Giving the minority sources of a
+    class more weight weakens that shortcut; the square root keeps a source of two images from being
+    repeated hundreds of times per epoch (full source equality would).
+    """
+    cells = Counter((lab, src or "") for lab, src in zip(labels, sources) if lab >= 0)
+    if not cells:
+        raise DataError("no labelled training images to balance")
+    classes = sorted({lab for lab, _ in cells})
+    root_sum = {c: sum(n**0.5 for (lab, _), n in cells.items() if lab == c) for c in classes}
+    weights = []
+    for lab, src in zip(labels, sources):
+        if lab < 0:
+            weights.append(0.0)
+            continue
+        n = cells[(lab, src or "")]
+        # class mass 1/k, split over sources by sqrt(n), then evenly over the n images of the cell
+        weights.append((n**0.5 / root_sum[lab]) / (len(classes) * n))
+    return torch.tensor(weights, dtype=torch.double)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

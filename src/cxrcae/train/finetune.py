@@ -26,7 +26,13 @@ from cxrcae.errors import DataError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
 from cxrcae.train.config import FinetuneConfig
-from cxrcae.train.data import TrainData, augmentation, class_weights, finetune_data
+from cxrcae.train.data import (
+    TrainData,
+    augmentation,
+    class_weights,
+    finetune_data,
+    source_balanced_weights,
+)
 from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
 from cxrcae.train.loop import Classification, Runtime, classification_metrics
 from cxrcae.train.plots import loss_curves
@@ -119,6 +125,8 @@ def run_finetune(
     if cfg.balance == "sampler":
         per_class = class_weights(labels, len(names))
         sample_weights = torch.tensor([per_class[lab].item() for lab in labels], dtype=torch.double)
+    elif cfg.balance == "source":
+        sample_weights = source_balanced_weights(labels, [r.source for r in tdata.train])
 
     data_summary = tdata.summary(names)
     used = {"device": str(device), "precision": precision_name(dtype)}

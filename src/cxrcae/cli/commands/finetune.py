@@ -75,8 +75,9 @@ def finetune_command(
         str,
         typer.Option(
             "--balance",
-            help="Imbalanced classes: none, loss (class-weighted cross-entropy) or sampler "
-            "(WeightedRandomSampler).",
+            help="Imbalanced classes: none, loss (class-weighted cross-entropy), sampler "
+            "(WeightedRandomSampler over classes) or source (over classes, and over sources inside each "
+            "class, against the source shortcut).",
         ),
     ] = "none",
     limit_batches: LimitBatchesOpt = None,
