@@ -1,17 +1,10 @@
-"""Metrics against scikit-learn on fixed arrays; bootstrap, ECE and temperature scaling behaviour."""
+"""Metrics against hand-computed values; the bootstrap replicate path, ECE and temperature scaling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import roc_auc_score
 
 from cxrcae import metrics as M
 from cxrcae.calibration import fit_temperature, model_temperature, nll, softmax
@@ -41,24 +34,90 @@ def fixed():
     return y, p
 
 
-def test_point_metrics_match_sklearn(fixed):
+# Worked out by hand for ``fixed``. argmax takes the first of tied columns (row 3 -> 0, row 7 -> 1), so the
+# predictions are 0 0 1 0 | 1 1 0 1 1 | 2 2 1 and the confusion matrix (rows true, columns predicted) is:
+FIXED_CM = [[3, 1, 0], [1, 4, 0], [0, 1, 2]]
+FIXED_SUPPORT = np.array([4, 5, 3])
+FIXED_PER_CLASS = {
+    "precision": [3 / 4, 4 / 6, 2 / 2],  # diagonal / column sum
+    "recall": [3 / 4, 4 / 5, 2 / 3],  # diagonal / row sum
+    "specificity": [7 / 8, 5 / 7, 9 / 9],  # TN / (TN + FP)
+    "f1": [3 / 4, 8 / 11, 4 / 5],  # 2PR / (P + R)
+    # one-vs-rest AUC: positive/negative pairs ranked right, ties counting one half, over all pairs
+    "auc": [28.5 / (4 * 8), 28 / (5 * 7), 24 / (3 * 9)],
+}
+FIXED_ACCURACY = 9 / 12
+
+
+def _pairwise_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """AUC by brute force over every positive/negative pair: independent of the code under test."""
+    diff = np.subtract.outer(scores[positive], scores[~positive])
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def _replicate_row(weights: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """The bootstrap path (``_replicate_metrics``) for a single resample given as per-sample counts."""
+    return {k: v[0] for k, v in M._replicate_metrics(np.asarray(weights, float)[None], y, p).items()}
+
+
+def test_hand_computed_auc_is_the_pairwise_count(fixed):
     y, p = fixed
-    pred = p.argmax(1)
+    for c in range(3):
+        assert FIXED_PER_CLASS["auc"][c] == pytest.approx(_pairwise_auc(y == c, p[:, c]))
+
+
+def test_point_metrics_hand_computed(fixed):
+    y, p = fixed
     r = M.classification_metrics(y, p, NAMES)
-    assert r["accuracy"] == pytest.approx(accuracy_score(y, pred))
-    assert r["confusion_matrix"] == confusion_matrix(y, pred).tolist()
-    for avg in ("macro", "weighted"):
-        assert r[avg]["precision"] == pytest.approx(precision_score(y, pred, average=avg))
-        assert r[avg]["recall"] == pytest.approx(recall_score(y, pred, average=avg))
-        assert r[avg]["f1"] == pytest.approx(f1_score(y, pred, average=avg))
-        assert r[avg]["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average=avg))
-    for c, name in enumerate(NAMES):
-        pc = r["per_class"][name]
-        assert pc["support"] == int((y == c).sum())
-        assert pc["recall"] == pytest.approx(recall_score(y == c, pred == c))
-        # specificity is the recall of the negative class
-        assert pc["specificity"] == pytest.approx(recall_score(y != c, pred != c))
-        assert pc["auc"] == pytest.approx(roc_auc_score(y == c, p[:, c]))
+    assert r["n"] == 12
+    assert r["accuracy"] == pytest.approx(FIXED_ACCURACY)
+    assert r["confusion_matrix"] == FIXED_CM
+    for m, want in FIXED_PER_CLASS.items():
+        got = [r["per_class"][name][m] for name in NAMES]
+        np.testing.assert_allclose(got, want, err_msg=m)
+        assert r["macro"][m] == pytest.approx(np.mean(want)), m
+        assert r["weighted"][m] == pytest.approx(np.average(want, weights=FIXED_SUPPORT)), m
+    assert [r["per_class"][name]["support"] for name in NAMES] == FIXED_SUPPORT.tolist()
+
+
+def test_unit_weight_replicate_is_the_point_estimate(fixed):
+    # a resample that draws every image exactly once is the data set itself
+    y, p = fixed
+    rep = _replicate_row(np.ones(y.size), y, p)
+    point = M.classification_metrics(y, p, NAMES)
+    assert rep["accuracy"] == pytest.approx(FIXED_ACCURACY)
+    for m, want in FIXED_PER_CLASS.items():
+        np.testing.assert_allclose(rep[f"class:{m}"], want, err_msg=m)
+        np.testing.assert_allclose(rep[f"class:{m}"], [point["per_class"][n][m] for n in NAMES], err_msg=m)
+        for kind in ("macro", "weighted"):
+            assert rep[f"{kind}:{m}"] == pytest.approx(point[kind][m]), (kind, m)
+    assert rep["macro:auc"] == pytest.approx(np.mean(FIXED_PER_CLASS["auc"]))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [2, 0, 1, 3, 1, 0, 2, 1, 1, 0, 3, 1],  # duplicates and drops, every class present
+        [1, 2, 0, 1, 3, 1, 1, 0, 2, 0, 0, 0],  # class 2 drawn zero times: its recall/F1/AUC are undefined
+    ],
+)
+def test_count_weights_equal_the_repeated_data_set(fixed, counts):
+    # a resample's counts must give the metrics of the data set with each image repeated that often
+    y, p = fixed
+    counts = np.array(counts)
+    rep = _replicate_row(counts, y, p)
+    yr, pr = np.repeat(y, counts), np.repeat(p, counts, axis=0)
+    point = M.classification_metrics(yr, pr, NAMES)
+    assert rep["accuracy"] == pytest.approx(point["accuracy"])
+    for m in M.CLASS_METRICS:
+        np.testing.assert_allclose(rep[f"class:{m}"], [point["per_class"][n][m] for n in NAMES], err_msg=m)
+        for kind in ("macro", "weighted"):
+            assert rep[f"{kind}:{m}"] == pytest.approx(point[kind][m], nan_ok=True), (kind, m)
+    for c in range(3):
+        if (yr == c).any():
+            assert rep["class:auc"][c] == pytest.approx(_pairwise_auc(yr == c, pr[:, c]))
+        else:
+            assert np.isnan(rep["class:auc"][c]) and np.isnan(rep["class:recall"][c])
 
 
 def test_absent_class_is_undefined_not_zero(fixed):
