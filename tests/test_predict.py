@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -217,18 +218,73 @@ def test_explain_writes_gradcam_overlays(classifier, tmp_path):
         assert img.shape == (SIZE, 2 * SIZE, 3)
 
 
-def test_gradcam_heatmap_shape_and_range(classifier):
+def test_gradcam_on_the_classifier_keeps_logits_and_weights(classifier):
     from cxrcae.explain import GradCAM
     from cxrcae.models.checkpoint import load_checkpoint
 
     net, _ = load_checkpoint(classifier)
     images = torch.rand(3, 3, SIZE, SIZE)
-    logits, cams = GradCAM(net)(images)
+    logits, cams = GradCAM(net)(images)  # the default layer exists in the real model
     assert logits.shape == (3, 3)
     assert torch.allclose(logits, net(images), atol=1e-5)
     assert cams.shape == (3, SIZE, SIZE)
-    assert cams.min() >= 0 and cams.max() <= 1
     assert not any(p.grad is not None for p in net.parameters())
+
+
+# Toy model for Grad-CAM: 4x4 average pooling then an identity 1x1 convolution give an 8x8 map whose
+# channel c is the pooled image channel c; the logit of class c is the mean of channel c over its own
+# patch of that map (rows, cols below, 8x8 cells), so only that patch of that channel matters to it.
+# Class 2 also counts class 0's evidence against it: a negative channel weight that the ReLU must drop.
+PATCHES = {0: (slice(0, 2), slice(5, 7)), 1: (slice(5, 7), slice(1, 3)), 2: (slice(3, 5), slice(3, 5))}
+
+
+class _PatchModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(3)[:, :, None, None])
+        stages = OrderedDict(pool=torch.nn.AvgPool2d(4), conv6=conv, relu6=torch.nn.ReLU())
+        self.encoder = torch.nn.Module()
+        self.encoder.stages = torch.nn.Sequential(stages)  # GradCAM's default layer: encoder.stages.relu6
+
+    def forward(self, x):
+        a = self.encoder.stages(x)
+        m = [a[:, c, rows, cols].mean(dim=(1, 2)) for c, (rows, cols) in PATCHES.items()]
+        return torch.stack([m[0], m[1], m[2] - m[0]], 1)
+
+
+def _pixels(cls: int) -> tuple[slice, slice]:
+    rows, cols = PATCHES[cls]
+    return slice(rows.start * 4, rows.stop * 4), slice(cols.start * 4, cols.stop * 4)
+
+
+def test_gradcam_peaks_on_the_patch_that_drives_the_class():
+    from cxrcae.explain import GradCAM
+
+    model = _PatchModel()
+    image = torch.zeros(1, 3, SIZE, SIZE)
+    for c, value in ((0, 1.0), (1, 0.6), (2, 0.3)):  # each class's channel hot on its own patch only
+        image[0, c][_pixels(c)] = value
+    images = image.repeat(3, 1, 1, 1)
+    logits, cams = GradCAM(model)(images, torch.tensor([0, 1, 2]))
+    assert cams.shape == (3, SIZE, SIZE)
+    torch.testing.assert_close(logits, torch.tensor([[1.0, 0.6, 0.3 - 1.0]] * 3))
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    for c in range(3):
+        rows, cols = _pixels(c)
+        inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        inside[rows, cols] = True
+        peak = divmod(int(cams[c].argmax()), SIZE)
+        assert inside[peak], (c, peak)
+        assert cams[c][inside].max() == pytest.approx(1.0)
+        # more than 4 pixels (one feature cell) from the patch, the map is zero: the other classes' hot
+        # patches live in channels whose Grad-CAM weight is zero, or negative (class 0's, for class 2)
+        far = (yy < rows.start - 4) | (yy >= rows.stop + 4) | (xx < cols.start - 4) | (xx >= cols.stop + 4)
+        assert cams[c][far].abs().max() < 1e-6, c
+    # with no class given, the predicted class (0, the hottest logit) is explained
+    _, default = GradCAM(model)(image)
+    torch.testing.assert_close(default[0], cams[0])
 
 
 def test_collect_inputs_globs_and_missing(tmp_path):
