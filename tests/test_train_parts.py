@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxrcae import runtime
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import CAEEncoder, CXRClassifier, build_head
 from cxrcae.runtime import resolve_device, resolve_precision, seed_everything
@@ -149,7 +150,8 @@ def test_runtime_resolution():
     assert resolve_device("cpu") == cpu
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    # auto on this CPU: bf16 exactly when the runtime finds AMX-backed bf16, else plain fp32 (None)
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if runtime.cpu_bf16_fast() else None)
     with pytest.raises(CxrcaeError, match="fp16"):
         resolve_precision("fp16", cpu)
     with pytest.raises(CxrcaeError, match="unknown precision"):
@@ -159,6 +161,15 @@ def test_runtime_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(CxrcaeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_auto_precision_follows_the_bf16_speed_check(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+    assert runtime.precision_name(None) == "fp32" and runtime.precision_name(torch.bfloat16) == "bf16"
 
 
 def test_config_validation_names_the_option():
