@@ -203,7 +203,8 @@ def test_push_refuses_a_broken_folder_before_uploading(hub: FakeHub, autoencoder
 
 
 def test_timm_loads_from_the_hub(hub: FakeHub, autoencoder_dir):
-    timm = pytest.importorskip("timm")
+    import timm
+
     import cxrcae  # noqa: F401  (registers cxrcae_vgg_cae)
 
     push_checkpoint(autoencoder_dir, "user/cae-timm", token=TOKEN)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
-pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
-
-from cxrcae.errors import ImageLoadError  # noqa: E402
-from cxrcae.io import find_images, load_xray, pixel_hash  # noqa: E402
+from cxrcae.errors import ImageLoadError
+from cxrcae.io import find_images, load_xray, pixel_hash
 
 
 def _testdata(name: str):

@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 from cxrcae.errors import CheckpointError
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
 from cxrcae.pretrained import load_encoder
-
-timm = pytest.importorskip("timm")
 
 
 def _seeded(model, seed):
