@@ -1,7 +1,14 @@
-"""Keras .h5 import: layouts checked against an independent NumPy forward pass, and against real Keras."""
+"""Keras .h5 import: layouts checked against an independent NumPy forward pass, and against real Keras.
+
+Real Keras without TensorFlow in CI: ``tests/fixtures/keras/`` holds the paper's CAE and classifier as Keras 2
+(tf-keras) and Keras 3 wrote them (legacy .h5, gzipped byte for byte) with the Keras outputs on a stored input
+batch; ``make_fixtures.py`` there rebuilds them where TensorFlow is installed.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -255,7 +262,111 @@ def test_cli_import_keras_and_errors(tmp_path, cli):
         read_keras_h5(tmp_path / "text.h5")
 
 
-# ----------------------------------------------------------------------------------------------- real Keras
+# ------------------------------------------------------------------------------ committed real-Keras files
+
+KERAS_FIXTURES = Path(__file__).parent / "fixtures" / "keras"
+FLAVOURS = ["tf_keras", "keras3"]  # Keras 2 (the authors' generation) and Keras 3, both via TensorFlow 2.21
+
+
+@pytest.fixture(scope="module")
+def keras_reference() -> dict:
+    """The stored input batch (NCHW tensor, pixels / 255 as the authors scaled them) and the Keras outputs."""
+    with np.load(KERAS_FIXTURES / "reference.npz") as ref:
+        data = {k: ref[k] for k in ref.files}
+    data["x"] = torch.from_numpy(
+        (data["x_uint8"].astype(np.float32) / np.float32(255.0)).transpose(0, 3, 1, 2)
+    )
+    data["versions"] = json.loads(str(data["versions"]))
+    return data
+
+
+def keras_file(tmp_path: Path, flavour: str, name: str) -> Path:
+    """The .h5 exactly as Keras wrote it, unzipped to ``tmp_path/<name>.h5``."""
+    dest = tmp_path / f"{name}.h5"
+    with gzip.open(KERAS_FIXTURES / flavour / f"{name}.h5.gz") as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
+    return dest
+
+
+def assert_close(torch_out: torch.Tensor, keras_out: np.ndarray, nchw: bool = True) -> None:
+    got = torch_out.numpy()
+    if nchw and got.ndim == 4:
+        got = got.transpose(0, 2, 3, 1)
+    assert got.shape == keras_out.shape
+    np.testing.assert_allclose(got, keras_out, rtol=1e-4, atol=1e-4 * np.abs(keras_out).max())
+
+
+def check_source(config: dict, path: Path, flavour: str, versions: dict) -> None:
+    source = config["source"]
+    assert source["format"] == "keras-h5" and source["file"] == path.name
+    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source["keras_version"] == versions[flavour] and source["backend"] == "tensorflow"
+
+
+def test_keras_fixtures_are_nontrivial(keras_reference):
+    """The stored outputs exercise every layer: live activations, distinct images, unsaturated classes."""
+    ref = keras_reference
+    assert ref["x_uint8"].shape == (2, 64, 64, 3) and ref["cae_out"].shape == (2, 64, 64, 3)
+    assert ref["cae_latent"].shape == (2, 2, 2, 512) and 0.3 < np.mean(ref["cae_latent"] > 0) < 0.95
+    assert 0.2 < np.mean(ref["cls_hidden"] > 0) < 0.9
+    assert np.abs(ref["cae_out"][0] - ref["cae_out"][1]).max() > 0.1
+    prob = ref["cls_prob"]
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
+    assert 0.02 < prob.min() and prob.max() < 0.98 and np.ptp(prob, axis=1).min() > 0.2
+    assert set(ref["versions"]) >= {"tensorflow", *FLAVOURS}
+    assert ref["versions"]["tf_keras"].startswith("2.") and ref["versions"]["keras3"].startswith("3.")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_real_keras_cae_file_matches_keras_outputs(tmp_path, flavour, keras_reference):
+    path = keras_file(tmp_path, flavour, "cae")
+    result = import_keras(path, tmp_path / "cae")
+    assert result.kind == "autoencoder" and result.config["image_size"] == 64  # read from model_config
+    model, config = load_checkpoint(result.out)
+    check_source(config, path, flavour, keras_reference["versions"])
+    x = keras_reference["x"]
+    with torch.no_grad():
+        assert_close(model.encode(x), keras_reference["cae_latent"])
+        assert_close(model(x), keras_reference["cae_out"])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_real_keras_classifier_file_matches_keras_outputs(tmp_path, flavour, keras_reference):
+    path = keras_file(tmp_path, flavour, "covid_classification")
+    names = ["COVID", "NORMAL", "PNEUMONIA"]
+    result = import_keras(path, tmp_path / "cls", class_names=names)
+    assert (result.kind, result.head, result.config["image_size"]) == ("classifier", "lstm", 64)
+    model, config = load_checkpoint(result.out)
+    assert config["class_names"] == names
+    check_source(config, path, flavour, keras_reference["versions"])
+    # Keras' Dense(64, relu) output is the input of the head's last Linear layer
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    x = keras_reference["x"]
+    with torch.no_grad():
+        assert_close(model.forward_features(x), keras_reference["cae_latent"])  # the CAE's encoder weights
+        prob = torch.softmax(model(x), dim=1)
+    hook.remove()
+    assert_close(seen[0], keras_reference["cls_hidden"])
+    np.testing.assert_allclose(prob.numpy(), keras_reference["cls_prob"], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_imports_real_keras_classifier(tmp_path, cli, keras_reference):
+    path = keras_file(tmp_path, "tf_keras", "covid_classification")
+    res = cli("import-keras", path, "--out", tmp_path / "ckpt", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["kind"], summary["head"], summary["image_size"]) == ("classifier", "lstm", 64)
+    assert summary["class_names"] == ["class_0", "class_1", "class_2"]  # Keras files carry no class names
+    model, config = load_checkpoint(tmp_path / "ckpt")
+    assert config["class_names_known"] is False
+    with torch.no_grad():
+        prob = torch.softmax(model(keras_reference["x"]), dim=1).numpy()
+    np.testing.assert_allclose(prob, keras_reference["cls_prob"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ real Keras, built on the spot
 
 KERAS_SCRIPT = textwrap.dedent(
     """
