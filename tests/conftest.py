@@ -1,4 +1,9 @@
-"""Shared fixtures: an isolated home for caches, the real shared X-rays, and a CLI runner."""
+"""Shared fixtures: an isolated home for caches, real X-rays, and a CLI runner.
+
+Real X-rays come from ../shared/data when it is there (or CXRCAE_SHARED_DATA), otherwise from the
+redistributable copies shipped in tests/fixtures/xrays (same layout: cxr/, originals/, metadata/), so no test
+skips for want of data. The learning tests always use the shipped set: the same images on every machine.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CXRCAE_SHARED_DATA", REPO.parent / "shared" / "data"))
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "xrays"
+_SHARED = Path(os.environ.get("CXRCAE_SHARED_DATA", REPO.parent / "shared" / "data"))
+HAVE_SHARED = (_SHARED / "cxr" / "manifest.csv").is_file()
+SHARED_DATA = _SHARED if HAVE_SHARED else FIXTURE_DATA
+"""../shared/data (8,559 images) where present, else the shipped fixture set (374 images)."""
 
 
 @pytest.fixture(autouse=True)
@@ -29,27 +38,42 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real chest X-rays); a user's clone has none, so the test skips with the reason."""
-    if not (SHARED_DATA / "cxr" / "manifest.csv").is_file():
-        pytest.skip(f"shared X-ray data not found at {SHARED_DATA} (set CXRCAE_SHARED_DATA)")
+    """Real chest X-rays: ../shared/data, or the shipped fixture set where that is absent."""
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def shared_manifest_rows(shared_data) -> list[dict]:
-    with open(shared_data / "cxr" / "manifest.csv", newline="") as f:
+def _manifest_rows(root: Path) -> list[dict]:
+    with open(root / "cxr" / "manifest.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="session")
-def tiny_labelled_folder(tmp_path_factory, shared_data, shared_manifest_rows) -> Path:
-    """``root/<CLASS>/*.jpg``: 30 real images per class (one per patient where known), symlinked."""
+def fixture_rows() -> list[dict]:
+    """Rows of the shipped fixture set (tests/fixtures/xrays/cxr/manifest.csv)."""
+    return _manifest_rows(FIXTURE_DATA)
+
+
+@pytest.fixture(scope="session")
+def shared_manifest_rows(shared_data) -> list[dict]:
+    return _manifest_rows(shared_data)
+
+
+TINY_PER_CLASS = 30
+"""Images per class in ``tiny_labelled_folder``; the rest of the shipped set stays unseen (held out)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled_folder(tmp_path_factory, fixture_rows) -> Path:
+    """``root/<CLASS>/*.jpg``: 30 real images per class from the shipped set (one per patient), symlinked.
+
+    COVID is ieee8023 (adults), NORMAL and PNEUMONIA are Kermany (children): the same images everywhere.
+    """
     root = tmp_path_factory.mktemp("tiny") / "covid_normal_pneumonia"
     per_class: dict[str, int] = {}
     seen_patients: set[str] = set()
-    for row in shared_manifest_rows:
+    for row in fixture_rows:
         label = row["label"]
-        if label == "UNLABELED" or per_class.get(label, 0) >= 30:
+        if label == "UNLABELED" or per_class.get(label, 0) >= TINY_PER_CLASS:
             continue
         pid = row["patient_id"]
         if pid and pid in seen_patients:
@@ -57,7 +81,7 @@ def tiny_labelled_folder(tmp_path_factory, shared_data, shared_manifest_rows) ->
         seen_patients.add(pid)
         dest = root / label / Path(row["path"]).name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.symlink_to(shared_data / "cxr" / row["path"])
+        dest.symlink_to(FIXTURE_DATA / "cxr" / row["path"])
         per_class[label] = per_class.get(label, 0) + 1
     return root
 

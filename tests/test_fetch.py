@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from cxrcae.data import load_records
 from cxrcae.errors import DownloadError
 from cxrcae.fetch import SOURCES, UnsafeArchiveError, download, fetch_source, registry, safe_extract
@@ -103,16 +104,40 @@ def _shared_rows(shared_data: Path, source: str) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["source"] == source]
 
 
+# Labels of the findings in the shipped fixture set's synthetic Figure1/Actualmed metadata (the real metadata
+# comes with real images in ../shared; the fixture set may not redistribute those sources' images).
+_SYNTHETIC_LABELS = {"COVID-19": "COVID", "No finding": "NORMAL", "Pneumonia": "PNEUMONIA"}
+
+
+def _metadata_rows(path: Path, encoding: str = "utf-8") -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_bytes().decode(encoding), newline="")))
+
+
+def _stand_in_images(shared_data: Path, n: int) -> list[bytes]:
+    """Real X-ray bytes to stand in for a source whose images the fixture set cannot ship."""
+    rows = _shared_rows(shared_data, "kermany")[:n]
+    return [(shared_data / "cxr" / r["path"]).read_bytes() for r in rows]
+
+
 @pytest.fixture(scope="module")
 def figure1_zip(shared_data) -> tuple[bytes, dict[str, str]]:
-    """A GitHub-style archive of Figure1: the real metadata.csv plus the shared images (name -> label)."""
+    """A GitHub-style archive of Figure1: metadata.csv plus images (name -> label). With ../shared: the real
+    metadata and the shared Figure1 images; else the synthetic metadata, every other image present."""
     top = f"Figure1-COVID-chestxray-dataset-{registry._FIGURE1_COMMIT}"
-    entries = {f"{top}/metadata.csv": (shared_data / "metadata" / "figure1-metadata.csv").read_bytes()}
+    meta = shared_data / "metadata" / "figure1-metadata.csv"
+    entries = {f"{top}/metadata.csv": meta.read_bytes()}
     labels = {}
-    for row in _shared_rows(shared_data, "figure1"):
+    shared_rows = _shared_rows(shared_data, "figure1")
+    for row in shared_rows:
         name = Path(row["path"]).name
         entries[f"{top}/images/{name}"] = (shared_data / "cxr" / row["path"]).read_bytes()
         labels[name] = row["label"]
+    if not shared_rows:
+        rows = _metadata_rows(meta, "cp1252")[::2]
+        for row, data in zip(rows, _stand_in_images(shared_data, len(rows)), strict=True):
+            name = f"{row['patientid']}.jpg"
+            entries[f"{top}/images/{name}"] = data
+            labels[name] = _SYNTHETIC_LABELS.get(row["finding"], "UNLABELED")
     entries[f"{top}/README.md"] = b"research purposes only\n"
     return _zip(entries), labels
 
@@ -120,15 +145,18 @@ def figure1_zip(shared_data) -> tuple[bytes, dict[str, str]]:
 @pytest.fixture(scope="module")
 def actualmed_zip(shared_data) -> bytes:
     top = f"Actualmed-COVID-chestxray-dataset-{registry._ACTUALMED_COMMIT}"
-    entries = {f"{top}/metadata.csv": (shared_data / "metadata" / "actualmed-metadata.csv").read_bytes()}
-    for row in _shared_rows(shared_data, "actualmed")[:12]:
+    meta = shared_data / "metadata" / "actualmed-metadata.csv"
+    entries = {f"{top}/metadata.csv": meta.read_bytes()}
+    shared_rows = _shared_rows(shared_data, "actualmed")[:12]
+    for row in shared_rows:
         # the shared copies are JPEG re-encodes of the published PNGs; keep the published name
         name = Path(row["path"]).with_suffix(".png").name
         entries[f"{top}/images/{name}"] = (shared_data / "cxr" / row["path"]).read_bytes()
+    if not shared_rows:
+        rows = _metadata_rows(meta)[:12]
+        for row, data in zip(rows, _stand_in_images(shared_data, len(rows)), strict=True):
+            entries[f"{top}/images/{row['imagename']}"] = data
     return _zip(entries)
-
-
-# --- downloads ---------------------------------------------------------------------------------------
 
 
 def test_fresh_download_verifies_and_moves_into_place(mirror, tmp_path):
@@ -292,7 +320,8 @@ def test_fetch_source_builds_manifest_from_real_metadata(mirror, figure1_zip):
     assert result.sha256 == hashlib.sha256(data).hexdigest() and result.size == len(data)
     got = {r.path.name: r.label or "UNLABELED" for r in result.records}
     assert got == labels  # every shared image found, labelled as the curated manifest says
-    assert result.excluded == {"image file missing": 55 - len(labels)}
+    n_rows = len(_metadata_rows(SHARED_DATA / "metadata" / "figure1-metadata.csv", "cp1252"))
+    assert result.excluded == {"image file missing": n_rows - len(labels)}
     back = load_records(result.manifest, labeled=False)
     assert len(back) == len(labels)
     with open(result.manifest, newline="") as f:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HAVE_SHARED
 from cxrcae.fetch.parsers import (
     actualmed_records,
     figure1_records,
@@ -56,8 +57,13 @@ def test_ieee8023_counts_per_label_and_exclusions(meta, tmp_path):
 
     parsed = ieee8023_records(meta / "ieee8023-metadata-2020-08.csv", tmp_path)
     assert _labels(parsed) == expected
-    assert parsed.excluded == {"CT": len(ct), "lateral view": len(lateral)}
-    assert expected["COVID"] > 300 and expected["PNEUMONIA"] > 50  # the rules really ran on real data
+    excluded = {"CT": len(ct), "lateral view": len(lateral)}
+    assert parsed.excluded == {k: n for k, n in excluded.items() if n}
+    assert len(ct) > 0
+    # the rules really ran on real data (the shipped fixture keeps the CC BY / Apache rows only)
+    assert expected["COVID"] > (300 if HAVE_SHARED else 50) and expected["PNEUMONIA"] > (
+        50 if HAVE_SHARED else 0
+    )
     first = parsed.records[0]
     assert first.path == tmp_path / "images" / kept[0]["filename"]
     assert first.patient_id == kept[0]["patientid"] and first.source == "ieee8023"
@@ -92,7 +98,7 @@ def test_figure1_counts_encoding_and_patient_ids(meta, tmp_path):
     rows = _rows(meta / "figure1-metadata.csv", encoding="cp1252")  # not UTF-8, as published
     expected = Counter(_expected_label(r["finding"]) for r in rows)
     parsed = figure1_records(meta / "figure1-metadata.csv", tmp_path / "images")
-    assert _labels(parsed) == expected and sum(expected.values()) == 55
+    assert _labels(parsed) == expected and sum(expected.values()) == len(rows) == (55 if HAVE_SHARED else 16)
     by_image = {r.path.stem: r for r in parsed.records}
     assert by_image["COVID-00003a"].patient_id == by_image["COVID-00003b"].patient_id == "COVID-00003"
     assert by_image["COVID-00001"].patient_id == "COVID-00001"
@@ -155,7 +161,7 @@ def test_kermany_patient(name, patient):
 
 
 def test_folder_records_labels_from_folders(shared_data, tmp_path):
-    src = next((shared_data / "cxr" / "images" / "radiography-db").iterdir())
+    src = next((shared_data / "cxr" / "images").rglob("*.jpg"))
     layout = [
         "db/COVID/images/a.png",
         "db/COVID/masks/a.png",
