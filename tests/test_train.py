@@ -28,12 +28,31 @@ def pretrained(tiny_labelled_folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
-    """Head-only fine-tuning over the pretrained (frozen) encoder."""
+    """Head-only fine-tuning over the pretrained (frozen) encoder; ``head_init`` keeps the head's initial
+    weights so a test can tell that the head trained.
+
+    Batch 4 (~17 steps an epoch): the LSTM head starts on a plateau near the class priors and needs some
+    50-100 Adam steps to leave it; at batch 8 (8 steps an epoch) that took up to the last of 8 epochs, and
+    early stopping then kept a prior-only epoch on some CPUs (one class for every image)."""
+    import cxrcae.models
+
     out = tmp_path_factory.mktemp("runs") / "clf"
     cfg = FinetuneConfig(
-        image_size=64, epochs=8, batch_size=8, stages=("head",), encoder=pretrained.best_dir, **FAST
+        image_size=64, epochs=10, batch_size=4, stages=("head",), encoder=pretrained.best_dir, **FAST
     )
-    return finetune(tiny_labelled_folder, out, cfg)
+    initial: dict[str, torch.Tensor] = {}
+    build_head = cxrcae.models.build_head
+
+    def recording_build_head(*args, **kwargs):
+        head = build_head(*args, **kwargs)
+        initial.update({f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()})
+        return head
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cxrcae.models, "build_head", recording_build_head)
+        result = finetune(tiny_labelled_folder, out, cfg)
+    result.head_init = initial
+    return result
 
 
 def _config(folder: str | Path) -> dict:
@@ -87,8 +106,8 @@ def test_pretrain_config_records_everything(pretrained):
     assert type(model).__name__ == "ConvAutoencoder"
 
 
-def _accuracy(model_dir: str, images: list[tuple[Path, str]]) -> float:
-    """Plain torch: the checkpoint's own preprocessing, argmax of the logits."""
+def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[str, float]:
+    """Plain torch: the checkpoint's own preprocessing, argmax of the logits, recall of each class."""
     from cxrcae.io import load_for_model
 
     model, cfg = load_checkpoint(model_dir)
@@ -97,41 +116,44 @@ def _accuracy(model_dir: str, images: list[tuple[Path, str]]) -> float:
     y = torch.tensor([cfg["class_names"].index(label) for _, label in images])
     with torch.no_grad():
         pred = model(x).argmax(1)
-    return (pred == y).float().mean().item()
+    names = cfg["class_names"]
+    return {name: (pred[y == i] == i).float().mean().item() for i, name in enumerate(names) if (y == i).any()}
 
 
-def test_finetune_beats_chance_on_held_out_images(
-    finetuned, tiny_labelled_folder, shared_data, shared_manifest_rows
-):
-    """Held out: the run's test split (never loaded by training) plus 40 unseen images per class.
+def test_finetune_beats_chance_on_held_out_images(finetuned, tiny_labelled_folder, fixture_rows):
+    """Held out: the run's test split (never loaded by training) plus every image of the shipped set whose
+    patient is not in the tiny training folder (~250 images), scored by balanced accuracy (chance 1/3).
 
-    The tiny set's COVID and PNEUMONIA both come from ieee8023, so this is hard; its 12 test images
-    alone would make the check a coin toss, hence the extra unseen images (~130 in all).
+    Measured while writing this (seeds 0-2, AVX2-only CPU, and with ATEN/oneDNN limited to AVX2): see the
+    margin in the assertion; a model that gives every image one class scores exactly 1/3.
     """
+    from conftest import FIXTURE_DATA
+
     splits = Path(finetuned.out_dir) / "splits.csv"
     with open(splits) as f:
         held = [(splits.parent / r["path"], r["label"]) for r in csv.DictReader(f) if r["split"] == "test"]
-    seen = {p.name for p in tiny_labelled_folder.rglob("*") if p.is_file()}
-    per_class: dict[str, int] = {}
-    for row in shared_manifest_rows:
-        label, path = row["label"], shared_data / "cxr" / row["path"]
-        if label in finetuned.class_names and path.name not in seen and per_class.get(label, 0) < 40:
-            per_class[label] = per_class.get(label, 0) + 1
-            held.append((path, label))
-    assert len(held) >= 120
-    accuracy = _accuracy(finetuned.best_dir, held)
-    assert accuracy > 1 / 3 + 0.1, (accuracy, finetuned.history)
+    tiny = {p.name for p in tiny_labelled_folder.rglob("*") if p.is_file()}
+    seen_patients = {r["patient_id"] for r in fixture_rows if Path(r["path"]).name in tiny}
+    for row in fixture_rows:
+        if row["label"] in finetuned.class_names and row["patient_id"] not in seen_patients:
+            held.append((FIXTURE_DATA / "cxr" / row["path"], row["label"]))
+    assert len(held) >= 200
+    recall = _recall_per_class(finetuned.best_dir, held)
+    balanced = sum(recall.values()) / len(recall)
+    assert balanced > 1 / 3 + 0.15, (recall, finetuned.history)
 
 
-def test_frozen_stage_leaves_encoder_unchanged(pretrained, finetuned):
+def test_frozen_stage_leaves_encoder_unchanged_and_trains_the_head(pretrained, finetuned):
     cae = read_weights(Path(pretrained.best_dir))
     clf = read_weights(Path(finetuned.best_dir))
     enc_keys = [k for k in clf if k.startswith("encoder.")]
     assert len(enc_keys) == 12
     for key in enc_keys:
         assert torch.equal(clf[key], cae[key]), key
-    head_changed = [k for k in clf if k.startswith("head.")]
-    assert head_changed  # and the head did train (it beat chance above)
+    head_keys = sorted(k for k in clf if k.startswith("head."))
+    assert head_keys == sorted(finetuned.head_init)
+    unchanged = [k for k in head_keys if torch.equal(clf[k], finetuned.head_init[k])]
+    assert not unchanged, f"head tensors never updated: {unchanged}"
 
 
 def test_finetune_config_records_everything(pretrained, finetuned):
@@ -140,7 +162,7 @@ def test_finetune_config_records_everything(pretrained, finetuned):
     assert cfg["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
     training = cfg["training"]
     assert training["stages"] == ["head"] and training["balance"] == "none" and training["augment"] is False
-    assert training["lr"] == 1e-3 and training["lr_unfrozen"] == 1e-5 and training["batch_size"] == 8
+    assert training["lr"] == 1e-3 and training["lr_unfrozen"] == 1e-5 and training["batch_size"] == 4
     assert training["stages_run"][0]["name"] == "head"
     assert training["best_epoch"] == finetuned.best_epoch
     enc = cfg["encoder_init"]
