@@ -183,7 +183,10 @@ def test_cli_exit_code_and_output(cli, classifier, mixed_folder, tmp_path):
     assert row["status"] == "ok" and set(row["probabilities"]) == set(NAMES)
 
 
-def test_cli_without_model_says_how(cli, tmp_path):
+def test_cli_without_model_says_how(cli, tmp_path, monkeypatch):
+    from cxrcae import bundled
+
+    monkeypatch.setattr(bundled, "CLASSIFIER_DIR", tmp_path / "no-weights")  # a build without weights
     result = cli("predict", _png(tmp_path / "x.png", 1))
     assert result.exit_code == 1
     assert "--model" in result.output and "Traceback" not in result.output

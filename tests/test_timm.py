@@ -9,9 +9,10 @@ import pytest
 import timm
 import torch
 
+from cxrcae import bundled
 from cxrcae.errors import CheckpointError
 from cxrcae.models import build_model
-from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.pretrained import load_encoder
 
 
@@ -50,7 +51,8 @@ def test_pretrained_file_gives_load_encoder_features(classifier_dir):
         pretrained_cfg_overlay=dict(file=str(classifier_dir / "model.safetensors")),
     ).eval()
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    bundled_size = read_config(bundled.bundled_encoder())["image_size"]  # the default cfg is the shipped one
+    assert cfg["input_size"] == (3, bundled_size, bundled_size) and cfg["interpolation"] == "bicubic"
     assert tuple(cfg["mean"]) == (0.0, 0.0, 0.0) and tuple(cfg["std"]) == (1.0, 1.0, 1.0)
     assert cfg["num_classes"] == 0 and model.num_features == 512
     data_cfg = timm.data.resolve_data_config({}, model=model)

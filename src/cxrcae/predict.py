@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrcae.errors import CheckpointError
+from cxrcae import bundled
 from cxrcae.inference import UniqueNames
 from cxrcae.progress import ProgressFn, no_progress
 
@@ -52,23 +52,15 @@ class Prediction:
         return row
 
 
-def default_model_path() -> Path | None:
-    """The bundled default model folder ``cxrcae/weights/default/`` when the package ships one."""
-    folder = Path(__file__).resolve().parent / "weights" / "default"
-    return folder if (folder / "config.json").is_file() else None
-
-
 def resolve_model_ref(model: Any) -> Any:
-    """``model`` as given, or the bundled default; a clear error when there is neither."""
+    """``model`` as given, or the bundled default classifier; a clear error when there is neither."""
     if model is not None and model != "":
         return model
-    default = default_model_path()
-    if default is None:
-        raise CheckpointError(
-            "no model given and no bundled default model is installed; pass --model MODEL_DIR "
-            "(a fine-tuned checkpoint folder) or --model user/repo (a Hugging Face Hub id)"
-        )
-    return default
+    return bundled.require(
+        bundled.bundled_classifier(),
+        "model",
+        "pass --model MODEL_DIR (a fine-tuned checkpoint folder) or --model user/repo (a Hub id)",
+    )
 
 
 def collect_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> list[tuple[str, str, str]]:

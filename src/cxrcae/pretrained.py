@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrcae import bundled
 from cxrcae.errors import CxrcaeError
 from cxrcae.models.cae import NUM_FEATURES, REDUCTION, CAEEncoder
 from cxrcae.models.checkpoint import encoder_state, load_state_strict
@@ -119,9 +120,12 @@ def array_to_unit_gray(image: Any) -> np.ndarray:
 
 
 def load_encoder(
-    ref: str | Path, pooled: bool = False, device: str | torch.device = "cpu"
+    ref: str | Path | None = None, pooled: bool = False, device: str | torch.device = "cpu"
 ) -> PretrainedEncoder:
-    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode."""
+    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode;
+    without ``ref``, the X-ray-pretrained encoder shipped with the package."""
+    if ref is None:
+        ref = bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
     state, config = encoder_state(ref)
     encoder = PretrainedEncoder(config, pooled=pooled)
     load_state_strict(encoder, state, f"{ref} (encoder)")

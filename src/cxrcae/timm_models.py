@@ -18,6 +18,7 @@ six stage outputs (strides 1, 2, 4, 8, 16, 32). Pixels: [0, 1], mean 0 / std 1, 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._pretrained import PretrainedCfg
 
+from cxrcae import bundled
 from cxrcae.errors import CheckpointError
 from cxrcae.models.cae import NUM_FEATURES, CAEEncoder
 from cxrcae.pretrained import INTERPOLATION
@@ -135,7 +137,21 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({"cxrcae_vgg_cae": _cfg()})
+def _bundled_cfg() -> dict[str, Any]:
+    """``pretrained=True`` loads the encoder shipped inside the package (offline), at its training size."""
+    folder = bundled.bundled_encoder()
+    if folder is None:
+        return _cfg()
+    size = int(json.loads((folder / "config.json").read_text()).get("image_size", 224))
+    return _cfg(
+        file=str(folder / "model.safetensors"),
+        input_size=(3, size, size),
+        pool_size=(size // 32, size // 32),
+        license="other",  # trained on research-use-only data: see the model card
+    )
+
+
+default_cfgs = generate_default_cfgs({"cxrcae_vgg_cae": _bundled_cfg()})
 
 
 @register_model
@@ -143,6 +159,10 @@ def cxrcae_vgg_cae(pretrained: bool = False, **kwargs: Any) -> CxrcaeVggCae:
     """VGG-like 6-conv chest X-ray encoder of Mahalingam & Pandraju (2021); 3.95M parameters."""
     if "pretrained_cfg" in kwargs:
         kwargs["pretrained_cfg"] = _clean_pretrained_cfg(kwargs["pretrained_cfg"])
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if "file" not in overlay and any(overlay.get(k) for k in ("hf_hub_id", "url", "state_dict")):
+        # another source was asked for: the bundled file (timm loads 'file' first) must not win
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "file": None}
     return build_model_with_cfg(
         CxrcaeVggCae,
         "cxrcae_vgg_cae",

@@ -38,8 +38,11 @@ class CleanError(click.ClickException):
         err_console.print(f"[bold red]Error:[/] {self.message}", highlight=False, soft_wrap=True)
 
 
-# The order a user meets the commands in: data, training, results, sharing.
+# The order a user meets the commands in: the bundled model first, then data, training, results, sharing.
 COMMAND_ORDER = (
+    "samples",
+    "predict",
+    "reproduce",
     "fetch",
     "audit",
     "split",
@@ -47,7 +50,6 @@ COMMAND_ORDER = (
     "finetune",
     "evaluate",
     "calibrate",
-    "predict",
     "reconstruct",
     "embed",
     "push",
