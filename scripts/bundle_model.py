@@ -20,11 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from cxrcae.card import build_card
-from cxrcae.evaluate import evaluate
-from cxrcae.hub import encoder_only_config
+from cxrcae.eval.evaluation import evaluate
+from cxrcae.hub.card import build_card
+from cxrcae.hub.resolve import load_checkpoint
+from cxrcae.hub.transfer import encoder_only_config
 from cxrcae.models import CAEEncoder
-from cxrcae.models.checkpoint import load_checkpoint, read_config, save_checkpoint
+from cxrcae.models.checkpoint import read_config, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "cxrcae"

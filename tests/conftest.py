@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "xrays"
@@ -30,6 +31,10 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # huggingface_hub reads its settings once, at import, into huggingface_hub.constants (which cxrcae uses)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(home / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("CXRCAE_MIRROR", raising=False)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables: keep rows on one line for assertions

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrcae.audit import (
+from cxrcae.data import Record, load_records
+from cxrcae.data.audit import (
     LEAKAGE_EXIT_CODE,
     audit_records,
     class_source_table,
     dominant_sources,
     near_pairs,
 )
-from cxrcae.data import Record, load_records
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:

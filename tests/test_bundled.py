@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -58,7 +59,7 @@ def test_load_encoder_and_timm_use_the_bundled_encoder_offline(monkeypatch):
 
     import cxrcae
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
     encoder = cxrcae.load_encoder()
     model = timm.create_model("cxrcae_vgg_cae", pretrained=True)
     size = read_config(bundled.bundled_encoder())["image_size"]
@@ -71,7 +72,7 @@ def test_load_encoder_and_timm_use_the_bundled_encoder_offline(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="shared X-ray data absent: the recorded test split is not here")
 def test_bundled_classifier_scores_what_its_card_says(tmp_path):
-    from cxrcae.evaluate import evaluate
+    from cxrcae.eval.evaluation import evaluate
 
     folder = bundled.bundled_classifier()
     card = json.loads((folder / "metrics.json").read_text())

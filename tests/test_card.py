@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import yaml
 
-from cxrcae.card import build_card, metric_rows
-from cxrcae.metrics import full_report
+from cxrcae.eval.metrics import full_report
+from cxrcae.hub.card import build_card, metric_rows
 
 CLASSIFIER = {
     "kind": "classifier",

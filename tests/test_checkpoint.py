@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from cxrcae.errors import CheckpointError
+from cxrcae.hub.resolve import encoder_state, load_checkpoint, load_model
 from cxrcae.models import ConvAutoencoder, build_model
-from cxrcae.models.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    encoder_state,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
+from cxrcae.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_checkpoint
 
 CLF = {
     "kind": "classifier",
@@ -100,7 +94,7 @@ def test_missing_folder_and_bad_config(tmp_path):
 
 
 def test_atomic_write_keeps_old_checkpoint_when_save_crashes(tmp_path, monkeypatch):
-    import cxrcae.models.checkpoint as ck
+    import cxrcae._atomic as ck
 
     first = build_model(CLF)
     save_checkpoint(first, tmp_path / "c", CLF)
@@ -115,6 +109,27 @@ def test_atomic_write_keeps_old_checkpoint_when_save_crashes(tmp_path, monkeypat
     assert (tmp_path / "c" / WEIGHTS_NAME).read_bytes() == before
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
     load_checkpoint(tmp_path / "c")  # still loads
+
+
+def test_atomic_writes_get_ordinary_permissions_and_keep_existing_ones(tmp_path):
+    import os
+
+    from cxrcae._atomic import atomic_open, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not 0600
+        (tmp_path / "kept.txt").write_text("old")
+        (tmp_path / "kept.txt").chmod(0o604)
+        atomic_write_text(tmp_path / "kept.txt", "new")
+        assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
+    with pytest.raises(RuntimeError), atomic_open(tmp_path / "half.txt") as f:
+        f.write("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt", "new.txt"]
 
 
 def test_encoder_state_from_autoencoder_and_classifier(tmp_path):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from cxrcae.embed import embed
 from cxrcae.errors import CxrcaeError
+from cxrcae.hub.resolve import load_encoder
+from cxrcae.infer.embed import embed
 from cxrcae.models import CAEEncoder
 from cxrcae.models.checkpoint import save_checkpoint
-from cxrcae.pretrained import load_encoder
 
 
 @pytest.fixture(scope="module")

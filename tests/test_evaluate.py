@@ -12,7 +12,7 @@ from PIL import Image
 
 from cxrcae.data import Record, write_records
 from cxrcae.errors import DataError
-from cxrcae.evaluate import evaluate
+from cxrcae.eval.evaluation import evaluate
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 
@@ -133,7 +133,7 @@ def test_calibrate_stores_temperature(model_dir, splits_csv, tmp_path):
     assert fit["nll_after"] <= fit["nll_before"] + 1e-9
     assert result.metrics["calibration"]["temperature"] == pytest.approx(fit["temperature"])
     # the weights are untouched: the calibrated folder still loads strictly
-    from cxrcae.models.checkpoint import load_checkpoint
+    from cxrcae.hub.resolve import load_checkpoint
 
     load_checkpoint(local)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
 from cxrcae.errors import CheckpointError, DownloadError
-from cxrcae.hub import PushError, download_checkpoint, pull, push_checkpoint
+from cxrcae.hub.resolve import download_checkpoint, load_checkpoint, load_encoder
+from cxrcae.hub.transfer import PushError, pull, push_checkpoint
 from cxrcae.models import CAEEncoder, build_model
-from cxrcae.models.checkpoint import load_checkpoint, save_checkpoint
-from cxrcae.pretrained import load_encoder
+from cxrcae.models.checkpoint import save_checkpoint
 from test_hub_server import FakeHub, start_hub
 
 TOKEN = "hf_cxrcaeTestSecret0123456789abcdef"
@@ -143,7 +144,7 @@ def test_offline_mode_serves_from_cache(hub: FakeHub, autoencoder_dir, monkeypat
     push_checkpoint(autoencoder_dir, "user/cae", token=TOKEN)
     online = download_checkpoint("user/cae")
     hub.stop()  # no server any more: offline must not need it
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
     assert download_checkpoint("user/cae") == online
     model, config = load_checkpoint("user/cae")
     assert config["kind"] == "autoencoder"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrcae import metrics as M
-from cxrcae.calibration import fit_temperature, model_temperature, nll, softmax
+from cxrcae.eval import metrics as M
+from cxrcae.eval.calibration import fit_temperature, model_temperature, nll, softmax
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 

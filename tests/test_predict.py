@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cxrcae.infer.prediction import EXIT_SOME_FAILED, UNCERTAIN, collect_inputs, predict
+from cxrcae.infer.writers import PredictionWriter, read_predictions
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
-from cxrcae.predict import EXIT_SOME_FAILED, UNCERTAIN, collect_inputs, predict
-from cxrcae.prediction_writer import PredictionWriter, read_predictions
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 SIZE = 32
@@ -123,7 +123,7 @@ def test_threshold_and_top_k(classifier, tmp_path):
 def test_temperature_from_config_is_applied(classifier, tmp_path):
     import shutil
 
-    from cxrcae.calibration import store_temperature
+    from cxrcae.eval.calibration import store_temperature
 
     hot = tmp_path / "hot"
     shutil.copytree(classifier, hot)
@@ -222,8 +222,8 @@ def test_explain_writes_gradcam_overlays(classifier, tmp_path):
 
 
 def test_gradcam_on_the_classifier_keeps_logits_and_weights(classifier):
-    from cxrcae.explain import GradCAM
-    from cxrcae.models.checkpoint import load_checkpoint
+    from cxrcae.eval.explain import GradCAM
+    from cxrcae.hub.resolve import load_checkpoint
 
     net, _ = load_checkpoint(classifier)
     images = torch.rand(3, 3, SIZE, SIZE)
@@ -263,7 +263,7 @@ def _pixels(cls: int) -> tuple[slice, slice]:
 
 
 def test_gradcam_peaks_on_the_patch_that_drives_the_class():
-    from cxrcae.explain import GradCAM
+    from cxrcae.eval.explain import GradCAM
 
     model = _PatchModel()
     image = torch.zeros(1, 3, SIZE, SIZE)
@@ -302,7 +302,7 @@ def test_collect_inputs_globs_and_missing(tmp_path):
 
 
 def test_iter_batches_contract(tmp_path):
-    from cxrcae.inference import iter_batches
+    from cxrcae.infer.batches import iter_batches
 
     paths = [_png(tmp_path / f"{i}.png", i) for i in range(5)]
     paths.insert(2, tmp_path / "missing.png")

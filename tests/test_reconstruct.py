@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cxrcae.infer.reconstruct import reconstruct, triptych
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
-from cxrcae.reconstruct import reconstruct, triptych
 
 SIZE = 32
 
@@ -56,8 +56,8 @@ def test_reconstruct_writes_grids_and_csv(cae, images, tmp_path):
 
 
 def test_mse_matches_the_model(cae, images, tmp_path):
+    from cxrcae.hub.resolve import load_checkpoint
     from cxrcae.io import load_for_model
-    from cxrcae.models.checkpoint import load_checkpoint
 
     _, paths = images
     result = reconstruct(cae, [paths[0]], tmp_path / "out")

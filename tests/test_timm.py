@@ -11,9 +11,9 @@ import torch
 
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError
+from cxrcae.hub.resolve import load_encoder
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
-from cxrcae.pretrained import load_encoder
 
 
 def _seeded(model, seed):

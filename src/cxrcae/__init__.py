@@ -15,11 +15,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_xray": "cxrcae.io",
     "CxrcaeError": "cxrcae.errors",
-    "predict": "cxrcae.predict",
-    "evaluate": "cxrcae.evaluate",
-    "load_encoder": "cxrcae.hub",
-    "load_model": "cxrcae.models.checkpoint",
+    "predict": "cxrcae.infer.prediction",
+    "evaluate": "cxrcae.eval.evaluation",
+    "calibrate": "cxrcae.eval.calibration",
+    "load_encoder": "cxrcae.hub.resolve",
+    "load_model": "cxrcae.hub.resolve",
     "save_checkpoint": "cxrcae.models.checkpoint",
+    "pretrain": "cxrcae.train.pretraining",
+    "finetune": "cxrcae.train.finetuning",
+    "run_pipeline": "cxrcae.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]

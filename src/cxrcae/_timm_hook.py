@@ -12,11 +12,11 @@ import importlib.util
 import sys
 import warnings
 
-_MODULE = "cxrcae.timm_models"
+_MODULE = "cxrcae.models.timm"
 
 
 def register() -> bool:
-    """Import cxrcae.timm_models (which registers the model); a broken timm only warns."""
+    """Import cxrcae.models.timm (which registers the model); a broken timm only warns."""
     if _MODULE in sys.modules:
         return True
     try:

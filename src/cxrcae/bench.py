@@ -15,8 +15,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from cxrcae.errors import CxrcaeError
+from cxrcae.hub.resolve import resolve_checkpoint
+from cxrcae.infer.prediction import iter_predictions
+from cxrcae.io import find_images, load_for_model
+from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head, build_model
+from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import autocast, resolve_device, resolve_precision
+from cxrcae.train.unfreeze import apply_stage
 
 DEFAULT_SETTINGS: tuple[tuple[str, bool], ...] = (("fp32", False), ("fp32", True), ("bf16", True))
 TRAIN_TASKS = ("pretrain", "finetune-frozen", "finetune")
@@ -41,16 +51,11 @@ def _median_seconds(
 
 def _train_model(task: str, image_size: int):
     """The model and loss of one training step of ``task``, as the training loop builds them."""
-    import torch.nn.functional as F
-
-    from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 
     if task == "pretrain":
         return ConvAutoencoder(CAEEncoder(), CAEDecoder()), lambda out, x, y: F.mse_loss(out.float(), x)
     model = CXRClassifier(CAEEncoder(), build_head("lstm", 3, image_size))
     if task == "finetune-frozen":
-        from cxrcae.train.unfreeze import apply_stage
-
         apply_stage(model, "head")
     return model, lambda out, x, y: F.cross_entropy(out.float(), y)
 
@@ -72,8 +77,6 @@ def bench_train_step(
     ``finetune`` (everything trains). Each setting gets a freshly seeded model and Adam optimizer; a setting
     the device cannot run (e.g. fp16 on CPU) gets an ``error``.
     """
-
-    from cxrcae.runtime import resolve_device, resolve_precision
 
     if task not in TRAIN_TASKS:
         raise CxrcaeError(f"unknown benchmark task {task!r}; use one of {', '.join(TRAIN_TASKS)}")
@@ -127,9 +130,6 @@ def _time_train_step(
     report,
 ) -> tuple[float, float]:
     """Median seconds of one optimiser step of ``task`` on random data, and the last loss."""
-    import torch
-
-    from cxrcae.runtime import autocast
 
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -155,7 +155,6 @@ def _time_train_step(
 
 
 def _sync(dev) -> Callable[[], None]:
-    import torch
 
     if dev.type == "cuda":
         return lambda: torch.cuda.synchronize(dev)
@@ -177,15 +176,12 @@ def bench_predict(
     Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used: throughput does not
     depend on the weights.
     """
-    from cxrcae.io import find_images, load_for_model
-    from cxrcae.predict import iter_predictions
 
     files, _ = find_images(inputs)
     if not files:
         raise CxrcaeError(f"no images found in {', '.join(map(str, inputs))}")
     with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
         ref = model if model is not None else _untrained_classifier(Path(tmp) / "model", image_size)
-        from cxrcae.models.checkpoint import read_config, resolve_checkpoint
 
         config = read_config(resolve_checkpoint(ref))
         size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
@@ -217,8 +213,6 @@ def bench_predict(
 
 
 def _untrained_classifier(folder: Path, image_size: int) -> Path:
-    from cxrcae.models import build_model
-    from cxrcae.models.checkpoint import save_checkpoint
 
     config = {
         "kind": "classifier",

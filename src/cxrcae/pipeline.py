@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrcae._atomic import atomic_write_text
+from cxrcae.data import load_records, make_splits, write_records
+from cxrcae.data.audit import audit_records
 from cxrcae.errors import DataError
+from cxrcae.eval.evaluation import evaluate
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
 SUMMARY_NAME = "summary.json"
 
@@ -67,9 +72,6 @@ def run_pipeline(
     cfg: PipelineConfig | None = None,
     progress: ProgressFn = no_progress,
 ) -> PipelineResult:
-    from cxrcae.evaluate import evaluate
-    from cxrcae.models.checkpoint import atomic_write_text
-    from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
     cfg = cfg or PipelineConfig()
     out = Path(out_dir).expanduser()
@@ -134,7 +136,6 @@ def run_pipeline(
 
 def _splits_file(data: Path, out: Path, seed: int, progress: ProgressFn) -> Path:
     """DATA's own split when it has one, else a leak-free split written to OUT/splits.csv."""
-    from cxrcae.data import load_records, make_splits, write_records
 
     records = load_records(data, labeled=True)  # a class folder keeps its labels; UNLABELED rows stay in
     if any(r.split for r in records):
@@ -148,8 +149,6 @@ def _splits_file(data: Path, out: Path, seed: int, progress: ProgressFn) -> Path
 
 
 def _audit(splits: Path, progress: ProgressFn) -> dict[str, Any]:
-    from cxrcae.audit import audit_records
-    from cxrcae.data import load_records
 
     report = audit_records(load_records(splits, labeled=False), progress=progress)
     return {"leakage": report.leakage, **report.summary(), "dominant_sources": report.dominant}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cxrcae.data.dataset import XrayDataset
 from cxrcae.data.records import (
     SPLITS,
     UNLABELED,
@@ -40,7 +41,5 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def __getattr__(name: str) -> Any:
     if name == "XrayDataset":
-        from cxrcae.data.dataset import XrayDataset
-
         return XrayDataset
     raise AttributeError(f"module 'cxrcae.data' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from cxrcae.data.records import Record
 from cxrcae.data.records import class_names as _class_names
 from cxrcae.errors import DataError
+from cxrcae.io import load_for_model
 
 
 class XrayDataset(Dataset):
@@ -52,7 +53,6 @@ class XrayDataset(Dataset):
         return list(self._labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from cxrcae.io import load_for_model
 
         record = self.records[index]
         image = torch.from_numpy(load_for_model(record.path, self.image_size, mode=self.resize_mode))

@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cxrcae.errors import DataError
+from cxrcae.io import IMAGE_EXTENSIONS, find_images
 
 UNLABELED = "UNLABELED"
 """Manifest label meaning "no label"; read as ``None`` and written back as this string."""
@@ -82,7 +84,6 @@ def _optional(value: str | None) -> str | None:
 
 def _load_folder(root: Path) -> list[Record]:
     """``root/<CLASS>/**``: each visible sub-folder is a class; ``UNLABELED/`` holds unlabeled images."""
-    from cxrcae.io import IMAGE_EXTENSIONS, find_images
 
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     class_dirs = [p for p in entries if p.is_dir()]
@@ -103,7 +104,6 @@ def _load_folder(root: Path) -> list[Record]:
 
 
 def _load_unlabeled_folder(root: Path) -> list[Record]:
-    from cxrcae.io import find_images
 
     files, _ = find_images([root], recursive=True)
     return [Record(path=_abspath(f)) for f in files]
@@ -236,3 +236,42 @@ def dataset_fingerprint(records: Iterable[Record]) -> str:
     for row in rows:
         digest.update(row.encode("utf-8") + b"\n")
     return digest.hexdigest()
+
+
+def select_records(
+    records: Sequence[Any], split: str | None, data: str | Path
+) -> tuple[list[Any], str | None, list[str]]:
+    """The rows to evaluate: the ``split`` rows of a splits CSV, or every row of a folder/manifest."""
+    notes: list[str] = []
+    splits = sorted({r.split for r in records if r.split is not None})
+    if splits:
+        if split is None:
+            raise DataError(f"{data} has a split column ({', '.join(splits)}); choose one with --split")
+        chosen = [r for r in records if r.split == split]
+        if not chosen:
+            raise DataError(f"{data}: no rows with split={split!r} (splits present: {', '.join(splits)})")
+        return chosen, split, notes
+    notes.append(f"{data} has no split column: all {len(records)} rows evaluated (not a held-out split)")
+    return list(records), None, notes
+
+
+def check_labels(
+    records: Sequence[Any], class_names: Sequence[str], data: str | Path
+) -> tuple[list[Any], list[str]]:
+    """Drop unlabelled rows (noted); refuse labels the model does not know; note classes with no images."""
+    notes: list[str] = []
+    labelled = [r for r in records if r.label is not None]
+    if len(labelled) < len(records):
+        notes.append(f"{len(records) - len(labelled)} unlabelled image(s) skipped")
+    if not labelled:
+        raise DataError(f"{data}: no labelled images to evaluate")
+    unknown = sorted({r.label for r in labelled} - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{data}: label(s) {', '.join(unknown)} are not classes of the model "
+            f"({', '.join(class_names)}); evaluate on data labelled with the model's classes"
+        )
+    absent = [c for c in class_names if c not in {r.label for r in labelled}]
+    if absent:
+        notes.append(f"no images of class {', '.join(absent)}: its recall, F1 and AUC are undefined")
+    return labelled, notes

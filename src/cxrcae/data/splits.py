@@ -21,6 +21,7 @@ from typing import Any
 
 from cxrcae.data.records import SPLITS, UNLABELED, Record
 from cxrcae.errors import CxrcaeError, DataError
+from cxrcae.io import pixel_hash
 from cxrcae.progress import ProgressFn, no_progress
 
 DEFAULT_RATIOS = (0.73, 0.135, 0.135)
@@ -191,7 +192,6 @@ def hash_pixels(
 
     Decoding releases the GIL, so threads use every core without pickling paths to processes.
     """
-    from cxrcae.io import pixel_hash
 
     workers = workers or min(8, os.cpu_count() or 1)
     hashes: dict[Path, str] = {}

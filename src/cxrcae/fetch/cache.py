@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from platformdirs import user_cache_dir
+
 from cxrcae.errors import DataError
 
 INDEX_VERSION = 1
@@ -29,7 +31,6 @@ def home_dir() -> Path:
     env = os.environ.get("CXRCAE_HOME")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("cxrcae"))
 

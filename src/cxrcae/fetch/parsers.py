@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cxrcae.data import Record
 from cxrcae.errors import DataError
+from cxrcae.io import find_images
 
 COVID, NORMAL, PNEUMONIA = "COVID", "NORMAL", "PNEUMONIA"
 RESEARCH_ONLY = "research use only (README)"
@@ -303,7 +304,6 @@ def folder_records(
     ``original_split``. The same split/class/file found twice (archives that nest a copy of themselves) is
     counted once.
     """
-    from cxrcae.io import find_images
 
     root = Path(root)
     files, _ = find_images([root], recursive=True)

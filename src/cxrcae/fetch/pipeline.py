@@ -8,6 +8,7 @@ silent re-download.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from cxrcae.errors import DataError, DownloadError
 from cxrcae.fetch import cache
 from cxrcae.fetch.download import download, file_sha256
 from cxrcae.fetch.extract import DEFAULT_MAX_BYTES, safe_extract
+from cxrcae.fetch.kaggle import kaggle_download
 from cxrcae.fetch.parsers import parse_source
 from cxrcae.fetch.registry import LABELS, SOURCES, Source, get_source
 from cxrcae.progress import ProgressFn, no_progress
@@ -117,7 +119,6 @@ def fetch_source(
 
 
 def _discard(source: Source, index: cache.CacheIndex) -> None:
-    import shutil
 
     archive = cache.archive_path(source.name, source.archive_name)
     for path in (archive, archive.with_name(archive.name + ".part")):
@@ -127,7 +128,6 @@ def _discard(source: Source, index: cache.CacheIndex) -> None:
 
 
 def _fetch_kaggle(source: Source, index: cache.CacheIndex, *, force: bool) -> FetchResult:
-    from cxrcae.fetch.kaggle import kaggle_download
 
     entry = index.get(source.name).get("kaggle", {})
     root = Path(entry["path"]) if entry.get("path") else None

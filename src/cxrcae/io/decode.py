@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from cxrcae.errors import ImageLoadError
+from cxrcae.io.dicom import dicom_to_unit, read_dicom
 from cxrcae.io.limits import DEFAULT_MAX_PIXELS, resolve_max_pixels
 from cxrcae.io.native import NativeImage
+from cxrcae.io.raster import decode_raster
 
 
 def _sniff(path: Path) -> bytes:
@@ -46,10 +48,7 @@ def decode_native(
     limit = resolve_max_pixels(max_pixels)
     head = _sniff(path)
     if _is_dicom(head):
-        from cxrcae.io.dicom import read_dicom
-
         return None, read_dicom(path, max_pixels=limit)
-    from cxrcae.io.raster import decode_raster
 
     return decode_raster(path, max_pixels=limit, target_size=target_size), None
 
@@ -71,7 +70,6 @@ def load_xray(
     native, dicom = decode_native(path, max_pixels=max_pixels, target_size=target_size)
     if native is not None:
         return native.to_unit()
-    from cxrcae.io.dicom import dicom_to_unit
 
     ds, raw = dicom
     return dicom_to_unit(ds, raw)

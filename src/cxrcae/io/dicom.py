@@ -15,6 +15,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 from cxrcae.errors import ImageLoadError
 from cxrcae.io.limits import check_pixels
@@ -23,9 +26,6 @@ from cxrcae.io.native import LUMA, minmax
 
 def read_dicom(path: Path, *, max_pixels: int | None):
     """Header and first-frame stored pixels; refuses oversized or truncated images before decoding."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import pixel_array
 
     try:
         ds = pydicom.dcmread(path)
@@ -84,7 +84,6 @@ def _has_window(ds) -> bool:
 
 def dicom_to_unit(ds, raw: np.ndarray) -> np.ndarray:
     """Map stored pixels to float32 [0, 1] bone-bright, as described in the module docstring."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if raw.ndim == 3:  # RGB (pydicom already converted YBR): luminance on the nominal BitsStored scale
         bits = int(ds.get("BitsStored", 8) or 8)
@@ -129,7 +128,6 @@ def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:
 
 def _lut_range(ds) -> tuple[float, float]:
     """Output range of the first VOI LUT: its smallest and largest entries."""
-    from pydicom.pixels import apply_voi_lut
 
     item = ds.VOILUTSequence[0]
     n_entries, first, _bits = (int(v) for v in item.LUTDescriptor)

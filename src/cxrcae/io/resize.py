@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from cxrcae.errors import CxrcaeError
+from cxrcae.io.decode import load_xray
 
 RESIZE_MODES: tuple[str, ...] = ("stretch", "pad")
 
@@ -47,7 +48,6 @@ def resize_xray(img: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray
 
 def load_for_model(path: str | Path, size: int, mode: str = "stretch") -> np.ndarray:
     """The one way a file becomes model input: (3, size, size) float32 in [0, 1], gray replicated to RGB."""
-    from cxrcae.io.decode import load_xray
 
     if mode not in RESIZE_MODES:
         raise CxrcaeError(f"unknown resize mode {mode!r}; choose one of: {', '.join(RESIZE_MODES)}")

@@ -1,6 +1,6 @@
-"""Checkpoints are folders: ``model.safetensors`` + ``config.json`` (+ a ``README.md`` model card).
+"""Local checkpoint folders: ``model.safetensors`` + ``config.json`` (+ a ``README.md`` model card).
 
-The same folder is what goes to the Hugging Face Hub. Loading is strict (missing or unexpected keys are
+The same folder is what goes to the Hugging Face Hub; ``cxrcae.hub.resolve`` turns a Hub id into one. Loading is strict (missing or unexpected keys are
 named in the error), never unpickles anything, and checks the weights file against the sha256 recorded in
 config.json, so a folder whose files come from two different saves is refused. Every file is written to a
 temporary name and renamed into place, weights first and config last.
@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy
+import safetensors
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
 from cxrcae import __version__
+from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 from cxrcae.errors import CheckpointError
 from cxrcae.models.factory import ARCHITECTURE, build_model
 
@@ -33,9 +36,6 @@ DEFAULT_PREPROCESSING = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "inten
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
     return {
         "cxrcae": __version__,
         "torch": torch.__version__,
@@ -45,32 +45,10 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_checkpoint(
     model: nn.Module, out_dir: str | Path, config: dict[str, Any], card: str | None = None
 ) -> Path:
     """Save ``model`` with ``config`` (must say kind; architecture, versions and hashes are filled in)."""
-    from safetensors.torch import save
-
     out = Path(out_dir)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = save(state, metadata={"format": "pt", "cxrcae": __version__, "kind": str(config.get("kind"))})
@@ -90,27 +68,6 @@ def save_checkpoint(
     return out
 
 
-def resolve_checkpoint(ref: str | Path) -> Path:
-    """A local folder, or a Hugging Face Hub id ``user/repo[@revision]`` downloaded into the HF cache."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME):
-        return path.parent
-    text = str(ref)
-    if not path.exists() and _looks_like_hub_id(text):
-        from cxrcae.hub import download_checkpoint
-
-        return download_checkpoint(text)
-    raise CheckpointError(f"{ref}: no such checkpoint folder (expected {WEIGHTS_NAME} + {CONFIG_NAME})")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    repo = text.split("@", 1)[0]
-    parts = repo.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
-
-
 def read_config(folder: Path) -> dict[str, Any]:
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
@@ -125,9 +82,6 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def read_weights(folder: Path, config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickled = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5")]
@@ -170,25 +124,18 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config)."""
-    folder = resolve_checkpoint(ref)
+def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a local checkpoint folder from config.json, weights loaded strictly."""
+    folder = Path(folder)
     config = read_config(folder)
     model = build_model(config)
     load_state_strict(model, read_weights(folder, config), str(folder))
     return model.to(device).eval(), config
 
 
-def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model alone, its config attached as ``model.cxrcae_config``."""
-    model, config = load_checkpoint(ref, device)
-    model.cxrcae_config = config  # type: ignore[attr-defined]
-    return model
-
-
-def encoder_state(ref: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The encoder's tensors (keys without the ``encoder.`` prefix) from any checkpoint kind."""
-    folder = resolve_checkpoint(ref)
+def encoder_state_of_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The encoder's tensors (keys without the ``encoder.`` prefix) from a local folder of any kind."""
+    folder = Path(folder)
     config = read_config(folder)
     state = read_weights(folder, config)
     if config["kind"] == "encoder":

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cxrcae.errors import CxrcaeError
+
 
 class SequenceLSTM(nn.Module):
     """Stacked LSTMs returning the full sequence (Keras ``return_sequences=True``)."""
@@ -113,12 +115,8 @@ HEADS: dict[str, tuple[str, Callable[[int, int], nn.Module]]] = {
 def build_head(name: str, n_classes: int, image_size: int, reduction: int = 32) -> nn.Module:
     """The head sizes follow from the input size: (image_size / 32)^2 feature tokens."""
     if name not in HEADS:
-        from cxrcae.errors import CxrcaeError
-
         raise CxrcaeError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
     if image_size % reduction:
-        from cxrcae.errors import CxrcaeError
-
         raise CxrcaeError(f"image size must be divisible by {reduction}, got {image_size}")
     side = image_size // reduction
     return HEADS[name][1](n_classes, side * side)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cxrcae.errors import CxrcaeError
+from cxrcae.models import HEADS
+from cxrcae.train.unfreeze import expand_stages
 
 BALANCE_MODES = ("none", "loss", "sampler", "source")
 """``loss``: class-weighted cross-entropy (n / (k * n_c)); ``sampler``: WeightedRandomSampler over classes;
@@ -99,8 +101,6 @@ class FinetuneConfig(TrainConfig):
     balance: str = "none"
 
     def validate(self) -> None:
-        from cxrcae.models import HEADS
-        from cxrcae.train.unfreeze import expand_stages
 
         super().validate()
         if not self.lr_unfrozen > 0:

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
 
 from cxrcae.data import Record, dataset_fingerprint, load_records, write_records
+from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
 from cxrcae.errors import DataError, ImageLoadError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import make_generator, worker_init_fn
@@ -78,7 +80,6 @@ def pretrain_data(
     """Unlabeled view of DATA: its ``train``/``val`` splits (test excluded), or a seeded patient-grouped
     hold-out of ``val_fraction`` written to OUT/splits.csv. Without pixel dedupe: a reconstruction
     objective gains little from duplicates, and hashing every image would cost a full decode pass."""
-    from cxrcae.data.splits import make_splits
 
     records = load_records(data, labeled=False)
     data = os.path.abspath(data)  # recorded for provenance and --resume from any working directory
@@ -108,7 +109,6 @@ def finetune_data(data: str | Path, out_dir: Path, progress: ProgressFn = no_pro
     """Labelled view of DATA: a splits CSV's train/val (test never touched), or a leak-free split made
     now with ``cxrcae split``'s defaults (ratios 0.73/0.135/0.135, seed 0, pixel dedupe), so the same DATA
     gives the same split either way; it is written to OUT/splits.csv."""
-    from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
 
     records = load_records(data, labeled=True)
     data = os.path.abspath(data)
@@ -193,7 +193,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def augmentation():
     """Light, label-preserving X-ray augmentation on the [0, 1] tensor (torchvision.transforms.v2):
     rotation +-5 deg, translation 5%, scale 0.95-1.05, brightness/contrast +-10%, clamped to [0, 1]."""
-    from torchvision.transforms import v2
 
     return v2.Compose(
         [

@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrcae.models.checkpoint import atomic_write_text, load_state_strict, save_checkpoint
+from cxrcae._atomic import atomic_write_text
+from cxrcae.hub.card import build_card
+from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
 from cxrcae.train.loop import EpochStats, NonFiniteLossError, Runtime, evaluate, train_one_epoch
-from cxrcae.train.state import save_resume_state
+from cxrcae.train.state import optimizer_from_flat, restore_rng, save_resume_state
 from cxrcae.train.stopping import EarlyStopping
 
 BEST = "best"
@@ -102,7 +104,6 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None):
     """Train ``run`` through its stages; returns a ``FitOutcome`` with the model holding the best weights."""
-    from cxrcae.train.state import optimizer_from_flat, restore_rng
 
     cfg, model, out = run.cfg, run.model, run.out_dir
     history: list[dict[str, Any]] = []
@@ -235,7 +236,6 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
 
 def _save_best(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
     """OUT/best: weights + config.json + a README.md model card written from that config."""
-    from cxrcae.card import build_card
 
     save_checkpoint(model, out / BEST, config, card=build_card(config))
 

@@ -7,16 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-from cxrcae.models.checkpoint import atomic_write_bytes
+from cxrcae._atomic import atomic_write_bytes
 
 
 def _figure():
-    import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
     return plt
 

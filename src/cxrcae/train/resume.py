@@ -8,6 +8,8 @@ from cxrcae.errors import CheckpointError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train.config import FinetuneConfig, PretrainConfig
 from cxrcae.train.data import resumed_data
+from cxrcae.train.finetuning import run_finetune
+from cxrcae.train.pretraining import run_pretrain
 from cxrcae.train.result import TrainResult
 from cxrcae.train.state import load_resume_state
 
@@ -26,8 +28,6 @@ def resume_run(
     result comes from the saved state. ``task`` ("pretrain"/"finetune") guards against resuming the wrong
     kind of run.
     """
-    from cxrcae.train.finetune import run_finetune
-    from cxrcae.train.pretrain import run_pretrain
 
     out = Path(out_dir).expanduser()
     state, tensors, weights = load_resume_state(out)

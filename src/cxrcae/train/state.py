@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 from torch import nn
 
+from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 from cxrcae.errors import CheckpointError
-from cxrcae.models.checkpoint import atomic_write_bytes, atomic_write_text, read_weights, save_checkpoint
+from cxrcae.models.checkpoint import read_weights, save_checkpoint
 
 LAST = "last"
 _TMP = ".last-tmp"
@@ -102,7 +104,6 @@ def save_resume_state(
 
     ``extra_tensors`` (e.g. the best weights so far as ``best.<key>``) go into state.safetensors.
     """
-    from safetensors.torch import save
 
     out_dir = Path(out_dir)
     tmp, old, last = out_dir / _TMP, out_dir / _OLD, out_dir / LAST
@@ -142,7 +143,6 @@ def find_resume_folder(out_dir: Path) -> Path:
 
 def load_resume_state(out_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(state.json, state tensors, model weights) from OUT/last, after checking they belong together."""
-    from safetensors.torch import load
 
     folder = find_resume_folder(out_dir)
     try:

@@ -54,9 +54,9 @@ def audit_command(
     Exit codes: 0 clean (warnings allowed), 3 leakage between splits (or any finding with --strict),
     1 error. Unreadable images are reported and skipped.
     """
-    from cxrcae.audit import LEAKAGE_EXIT_CODE, audit_records, to_markdown
     from cxrcae.cli.common import progress_bar
     from cxrcae.data import load_records
+    from cxrcae.data.audit import LEAKAGE_EXIT_CODE, audit_records, to_markdown
     from cxrcae.errors import DataError
 
     try:  # class folders and labelled CSVs keep their labels; anything else is audited unlabeled

@@ -40,8 +40,8 @@ def calibrate_command(
     Predictions keep their arg-max class; only the probabilities become better calibrated. predict and
     evaluate apply T automatically.
     """
-    from cxrcae.calibration import calibrate
     from cxrcae.cli.common import progress_bar
+    from cxrcae.eval.calibration import calibrate
 
     with progress_bar(quiet or json_out) as progress:
         info = calibrate(

@@ -60,7 +60,7 @@ def embed_command(
     each file, or why it could not be read. Exit codes: 0 = all embedded; 3 = some files failed; 1 = none ran.
     """
     from cxrcae.cli.common import progress_bar
-    from cxrcae.embed import embed, output_format
+    from cxrcae.infer.embed import embed, output_format
 
     output_format(output)  # fail before loading anything on a bad extension or missing pyarrow
     workers = workers_or_default(num_workers)

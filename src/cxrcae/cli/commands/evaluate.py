@@ -66,7 +66,7 @@ def evaluate_command(
     metrics.json, predictions.csv, PNG figures and report.html in the output folder.
     """
     from cxrcae.cli.common import progress_bar
-    from cxrcae.evaluate import evaluate
+    from cxrcae.eval.evaluation import evaluate
 
     with progress_bar(quiet or json_out) as progress:
         result = evaluate(
@@ -96,7 +96,7 @@ def evaluate_command(
 
 
 def render(result) -> None:
-    from cxrcae.report import fmt_ci
+    from cxrcae.eval.report import fmt_ci
 
     m = result.metrics
     ci = m.get("ci") or {}

@@ -38,7 +38,7 @@ def import_keras_command(
     Dense); the result loads strictly like any cxrcae checkpoint and gets a model card.
     """
     from cxrcae.errors import CxrcaeError
-    from cxrcae.keras_import import import_keras
+    from cxrcae.models.keras import import_keras
 
     if resize_mode not in ("stretch", "pad"):
         raise CxrcaeError(f"unknown resize mode {resize_mode!r}; choose stretch or pad")

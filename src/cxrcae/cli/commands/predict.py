@@ -23,7 +23,9 @@ from cxrcae.cli.common import (
     workers_or_default,
 )
 
-EXIT_SOME_FAILED = 3  # keep in sync with cxrcae.predict.EXIT_SOME_FAILED (not imported: torch-free module)
+EXIT_SOME_FAILED = (
+    3  # keep in sync with cxrcae.infer.prediction.EXIT_SOME_FAILED (not imported: torch-free module)
+)
 
 
 @app.command("predict")
@@ -75,8 +77,8 @@ def predict_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError
-    from cxrcae.predict import iter_predictions
-    from cxrcae.prediction_writer import PredictionWriter, output_format
+    from cxrcae.infer.prediction import iter_predictions
+    from cxrcae.infer.writers import PredictionWriter, output_format
 
     if output is not None:
         output_format(output)  # fail before any work on a bad extension
@@ -134,8 +136,9 @@ def _model_classes(model: str | None, first) -> list[str]:
     """Class names for the output columns: from the first classified row or, failing that, the checkpoint."""
     if first.probabilities:
         return list(first.probabilities)
-    from cxrcae.models.checkpoint import read_config, resolve_checkpoint
-    from cxrcae.predict import resolve_model_ref
+    from cxrcae.hub.resolve import resolve_checkpoint
+    from cxrcae.infer.prediction import resolve_model_ref
+    from cxrcae.models.checkpoint import read_config
 
     return list(read_config(resolve_checkpoint(resolve_model_ref(model))).get("class_names", []))
 

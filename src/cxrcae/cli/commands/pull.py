@@ -32,7 +32,7 @@ def pull_command(
     Cached by huggingface_hub; with HF_HUB_OFFLINE=1 it is served from the cache without network. Repos
     without safetensors weights, or whose weights do not match their config, are refused.
     """
-    from cxrcae.hub import hub_progress_bars, pull
+    from cxrcae.hub.transfer import hub_progress_bars, pull
 
     with hub_progress_bars(not (quiet or json_out)):
         result = pull(repo, out, token=token)

@@ -43,7 +43,7 @@ def push_command(
     evaluation metrics. The token comes from --token, HF_TOKEN or `hf auth login` and is never printed.
     """
     from cxrcae.cli.common import progress_bar
-    from cxrcae.hub import hub_progress_bars, push_checkpoint
+    from cxrcae.hub.transfer import hub_progress_bars, push_checkpoint
 
     with progress_bar(quiet or json_out) as progress, hub_progress_bars(not (quiet or json_out)):
         result = push_checkpoint(

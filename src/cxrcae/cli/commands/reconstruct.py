@@ -48,7 +48,7 @@ def reconstruct_command(
 
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError
-    from cxrcae.reconstruct import reconstruct
+    from cxrcae.infer.reconstruct import reconstruct
 
     with progress_bar(quiet or json_out) as progress:
         result = reconstruct(

@@ -17,9 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cxrcae import bundled
-from cxrcae.inference import UniqueNames
+from cxrcae.eval.calibration import model_temperature
+from cxrcae.eval.explain import GradCAM, save_overlay
+from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
+from cxrcae.io import find_images
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
 EXIT_SOME_FAILED = 3
 """Exit code of ``cxrcae predict`` when at least one file could not be read (the others still have rows)."""
@@ -69,7 +75,6 @@ def collect_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> list
     Files named explicitly are always decoded; a missing path or an empty glob is an error row; non-image
     files found while scanning a folder are skipped rows; hidden files are left out. Duplicates are dropped.
     """
-    from cxrcae.io import find_images
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -104,11 +109,6 @@ def iter_predictions(
     progress: ProgressFn = no_progress,
 ) -> Iterator[Prediction]:
     """Yield one ``Prediction`` per input file, in input order (see the module docstring)."""
-    import torch
-
-    from cxrcae.calibration import model_temperature
-    from cxrcae.inference import iter_batches, load_for_inference
-    from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
     dev = resolve_device(device)
     net, config = load_for_inference(resolve_model_ref(model), dev, kind="classifier")
@@ -180,7 +180,6 @@ def _make_prediction(path: str, probs, names: Sequence[str], k: int, threshold: 
 def _explainer(net, explain_dir):
     if explain_dir is None:
         return None, None
-    from cxrcae.explain import GradCAM
 
     out = Path(explain_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +187,6 @@ def _explainer(net, explain_dir):
 
 
 def _explain_one(namer: UniqueNames, path: str, image, cam) -> str:
-    from cxrcae.explain import save_overlay
 
     target = namer(path)
     save_overlay(target, image[0].cpu().numpy(), cam.cpu().numpy())

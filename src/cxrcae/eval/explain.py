@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
 from torch import nn
+
+from cxrcae._atomic import atomic_write_bytes
 
 DEFAULT_LAYER = "encoder.stages.relu6"
 
@@ -64,7 +68,6 @@ class GradCAM:
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Gray (H, W) image in [0, 1] + (H, W) heat-map in [0, 1] -> uint8 RGB with a jet colour overlay."""
-    from matplotlib import colormaps
 
     gray = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
     heat = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3].astype(np.float32)
@@ -74,9 +77,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
 
 def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray) -> Path:
     """Write ``input | overlay`` side by side as a PNG (atomically)."""
-    from PIL import Image
-
-    from cxrcae.models.checkpoint import atomic_write_bytes
 
     gray = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     both = np.concatenate([np.repeat(gray[..., None], 3, axis=2), overlay(image, heatmap)], axis=1)

@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image
 
+from cxrcae._atomic import atomic_write_bytes
+from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
+from cxrcae.infer.prediction import collect_inputs
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import resolve_device
 
 OVERVIEW_ROWS = 8
 COLUMNS = ("path", "status", "mse", "mae", "psnr", "image", "reason")
@@ -55,7 +63,6 @@ class ReconstructionResult:
 
 def triptych(image: np.ndarray, recon: np.ndarray, error_max: float) -> np.ndarray:
     """(H, W) input and reconstruction in [0, 1] -> uint8 RGB ``input | reconstruction | |error|``."""
-    from matplotlib import colormaps
 
     gray = lambda a: np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=2)  # noqa: E731
     err = np.abs(recon - image) / max(error_max, 1e-12)
@@ -66,7 +73,6 @@ def triptych(image: np.ndarray, recon: np.ndarray, error_max: float) -> np.ndarr
 
 
 def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -74,9 +80,6 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _overview(path: Path, strips: list[tuple[str, np.ndarray]], error_max: float) -> Path:
-    from matplotlib.figure import Figure
-
-    from cxrcae.models.checkpoint import atomic_write_bytes
 
     fig = Figure(figsize=(7.5, 2.5 * len(strips)))
     axes = fig.subplots(len(strips), 1, squeeze=False)[:, 0]
@@ -104,12 +107,6 @@ def reconstruct(
     progress: ProgressFn = no_progress,
 ) -> ReconstructionResult:
     """Reconstruct every image in ``inputs`` with an autoencoder checkpoint and write the views."""
-    import torch
-
-    from cxrcae.inference import UniqueNames, iter_batches, load_for_inference
-    from cxrcae.models.checkpoint import atomic_write_bytes
-    from cxrcae.predict import collect_inputs
-    from cxrcae.runtime import resolve_device
 
     dev = resolve_device(device)
     net, config = load_for_inference(model, dev, kind="autoencoder")

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from cxrcae.data import XrayDataset
+from cxrcae.errors import ImageLoadError
+from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import TrainData, augmentation, make_loader, pretrain_data
 from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
@@ -74,7 +76,6 @@ def run_pretrain(
     resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
-    from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
 
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
@@ -172,8 +173,6 @@ def run_pretrain(
 @torch.no_grad()
 def _reconstructions(model, val_set: XrayDataset, rt: Runtime, cfg: PretrainConfig, path: Path) -> Path:
     """Grid of the first ``recon_samples`` readable validation images through the best model."""
-    from cxrcae.errors import ImageLoadError
-    from cxrcae.runtime import autocast
 
     images = []
     for i in range(len(val_set)):

@@ -1,6 +1,6 @@
 """Encoder features for many files, streamed to .npy, .safetensors or .parquet with a row index beside them.
 
-Memory stays flat: images are decoded by ``cxrcae.inference.iter_batches`` and each batch of features is
+Memory stays flat: images are decoded by ``cxrcae.infer.batches.iter_batches`` and each batch of features is
 appended to the output as it is computed. Files that cannot be read become ``error`` rows of the sidecar
 index CSV (``<output stem>.index.csv``: index, path, status, reason, row) and the run goes on; ``row`` is the
 feature row of each ``ok`` file. Outputs are written under a temporary name and renamed when complete; an
@@ -23,8 +23,12 @@ import numpy as np
 import torch
 
 from cxrcae.errors import CxrcaeError
-from cxrcae.pretrained import PretrainedEncoder, load_encoder
+from cxrcae.hub.resolve import load_encoder
+from cxrcae.infer.batches import iter_batches
+from cxrcae.io import find_images
+from cxrcae.models.encoder import PretrainedEncoder
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
 FORMATS = {".npy": "npy", ".safetensors": "safetensors", ".parquet": "parquet"}
 INDEX_COLUMNS = ("index", "path", "status", "reason", "row")
@@ -228,9 +232,6 @@ def embed(
     progress: ProgressFn = no_progress,
 ) -> EmbedResult:
     """Encode every image in ``inputs`` (files, folders, globs) with ``model``'s encoder into ``output``."""
-    from cxrcae.inference import iter_batches
-    from cxrcae.io import find_images
-    from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
     output = Path(output)
     fmt = output_format(output)

@@ -24,9 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
+from cxrcae._atomic import atomic_write_text
+from cxrcae.data import dataset_fingerprint, load_records
+from cxrcae.data.records import check_labels, select_records
 from cxrcae.errors import DataError
+from cxrcae.eval import report
+from cxrcae.eval.calibration import fit_and_store, model_temperature, softmax
+from cxrcae.eval.metrics import expected_calibration_error, full_report
+from cxrcae.eval.report import fmt_ci, write_html
+from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
+from cxrcae.infer.batches import collect_logits, load_for_inference
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import resolve_device, resolve_precision
 
 
 @dataclass
@@ -62,7 +73,6 @@ METRIC_COLUMNS = ("precision", "recall", "specificity", "f1", "auc")
 
 
 def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    from cxrcae.report import fmt_ci
 
     ci = metrics.get("ci") or {}
     columns = ["class", "n", "precision", "recall (sens.)", "specificity", "F1", "ROC AUC"]
@@ -85,7 +95,6 @@ def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
 def source_table(
     per_source: dict | None, class_names: Sequence[str]
 ) -> tuple[list[str], list[list[str]]] | None:
-    from cxrcae.report import fmt_ci
 
     if not per_source:
         return None
@@ -106,45 +115,6 @@ def source_table(
             ]
         )
     return columns, rows
-
-
-def select_records(
-    records: Sequence[Any], split: str | None, data: str | Path
-) -> tuple[list[Any], str | None, list[str]]:
-    """The rows to evaluate: the ``split`` rows of a splits CSV, or every row of a folder/manifest."""
-    notes: list[str] = []
-    splits = sorted({r.split for r in records if r.split is not None})
-    if splits:
-        if split is None:
-            raise DataError(f"{data} has a split column ({', '.join(splits)}); choose one with --split")
-        chosen = [r for r in records if r.split == split]
-        if not chosen:
-            raise DataError(f"{data}: no rows with split={split!r} (splits present: {', '.join(splits)})")
-        return chosen, split, notes
-    notes.append(f"{data} has no split column: all {len(records)} rows evaluated (not a held-out split)")
-    return list(records), None, notes
-
-
-def check_labels(
-    records: Sequence[Any], class_names: Sequence[str], data: str | Path
-) -> tuple[list[Any], list[str]]:
-    """Drop unlabelled rows (noted); refuse labels the model does not know; note classes with no images."""
-    notes: list[str] = []
-    labelled = [r for r in records if r.label is not None]
-    if len(labelled) < len(records):
-        notes.append(f"{len(records) - len(labelled)} unlabelled image(s) skipped")
-    if not labelled:
-        raise DataError(f"{data}: no labelled images to evaluate")
-    unknown = sorted({r.label for r in labelled} - set(class_names))
-    if unknown:
-        raise DataError(
-            f"{data}: label(s) {', '.join(unknown)} are not classes of the model "
-            f"({', '.join(class_names)}); evaluate on data labelled with the model's classes"
-        )
-    absent = [c for c in class_names if c not in {r.label for r in labelled}]
-    if absent:
-        notes.append(f"no images of class {', '.join(absent)}: its recall, F1 and AUC are undefined")
-    return labelled, notes
 
 
 def evaluate(
@@ -171,11 +141,6 @@ def evaluate(
     result says so). ``n_bootstrap`` resamples (patients when the data has patient ids) give 95% CIs; 0
     turns them off. ``write=False`` computes without touching the disk.
     """
-    from cxrcae.calibration import fit_and_store, model_temperature, softmax
-    from cxrcae.data import dataset_fingerprint, load_records
-    from cxrcae.inference import collect_logits, load_for_inference
-    from cxrcae.metrics import full_report
-    from cxrcae.runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     folder = _local_folder(model_ref)
@@ -229,8 +194,6 @@ def evaluate(
     metrics = full_report(y, probs, names, groups=groups, n_resamples=n_bootstrap, seed=seed, n_bins=n_bins)
     metrics["calibration"]["temperature"] = temperature
     if temperature != 1.0:
-        from cxrcae.metrics import expected_calibration_error
-
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(y, softmax(logits), n_bins)
     if calibration_info:
         metrics["calibration"]["fit"] = calibration_info
@@ -259,9 +222,6 @@ def evaluate(
 
 
 def _local_folder(model_ref: Any) -> Path | None:
-    from torch import nn
-
-    from cxrcae.models.checkpoint import resolve_checkpoint
 
     if isinstance(model_ref, nn.Module):
         return None
@@ -272,14 +232,13 @@ def _default_out(folder: Path | None, split: str | None) -> Path:
     name = f"eval-{split or 'all'}"
     if folder is None:
         return Path.cwd() / name
-    if not os.access(folder, os.W_OK) or "huggingface" in str(folder):
+    if not os.access(folder, os.W_OK) or in_hub_cache(folder):
         return Path.cwd() / f"{folder.name}-{name}"  # a Hub download lives in the read-only cache
     return folder / name
 
 
 def _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins) -> dict[str, Any]:
     """Metrics per ``source`` (when the data has one): the shortcut-learning check."""
-    from cxrcae.metrics import full_report
 
     sources = [r.source for r in kept]
     if not any(sources):
@@ -356,8 +315,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _write_outputs(out: Path, metrics, rows, y, probs, names, html: bool) -> dict[str, Path]:
-    from cxrcae import report
-    from cxrcae.models.checkpoint import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     clean = _clean(metrics)
@@ -388,7 +345,6 @@ def _write_outputs(out: Path, metrics, rows, y, probs, names, html: bool) -> dic
 
 
 def _write_html(path: Path, metrics: dict, images: list[Path]) -> Path:
-    from cxrcae.report import fmt_ci, write_html
 
     ci = metrics.get("ci") or {}
     cal = metrics["calibration"]

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import numpy as np
+from PIL import Image
 
 from cxrcae.data import Record
 from cxrcae.errors import CxrcaeError
+from cxrcae.io import load_xray, pixel_hash
 from cxrcae.progress import ProgressFn, no_progress
 
 LEAKAGE_EXIT_CODE = 3
@@ -148,10 +151,6 @@ class AuditReport:
 
 def hash_image(path: Path) -> ImageHash:
     """Exact and perceptual hash of one file; a read failure is returned, not raised."""
-    import imagehash
-    from PIL import Image
-
-    from cxrcae.io import load_xray, pixel_hash
 
     try:
         exact = pixel_hash(path)

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
-from cxrcae.models.checkpoint import atomic_write_bytes, atomic_write_text
+from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 
 
 def _save(fig, path: Path) -> Path:
@@ -31,7 +33,6 @@ def plot_confusion(
     cm: Sequence[Sequence[int]], names: Sequence[str], path: Path, normalize: bool = False
 ) -> Path:
     """Counts, or rows normalised to recall per true class (so imbalanced classes read alike)."""
-    from matplotlib.figure import Figure
 
     counts = np.asarray(cm, dtype=np.float64)
     if normalize:
@@ -60,8 +61,6 @@ def plot_confusion(
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, names: Sequence[str], aucs: dict, path: Path) -> Path:
     """One-vs-rest ROC curve per class with its AUC (and CI when given) in the legend."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
 
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
@@ -84,7 +83,6 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, names: Sequence[str], aucs: 
 
 def plot_reliability(bins: dict, ece: float, path: Path, title_extra: str = "") -> Path:
     """Accuracy vs confidence per bin (bars) against the diagonal, with the count histogram underneath."""
-    from matplotlib.figure import Figure
 
     edges = np.asarray(bins["edges"])
     width = edges[1] - edges[0]

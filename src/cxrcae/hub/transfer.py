@@ -1,9 +1,8 @@
 """Hugging Face Hub transfer: push a checkpoint folder as one commit, pull one strictly and safetensors-only.
 
 The Hub repo holds exactly the local checkpoint layout (``model.safetensors``, ``config.json``,
-``README.md``), so a Hub id works wherever a folder does. Settings are read at call time, not when
-huggingface_hub was imported: ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE=1``
-(served from the cache, no network) take effect even if they change inside one process. The token comes
+``README.md``), so a Hub id works wherever a folder does (``cxrcae.hub.resolve``). Hub settings are
+huggingface_hub's own (``huggingface_hub.constants``). The token comes
 from the caller, ``HF_TOKEN`` or the saved login and is only ever handed to huggingface_hub: never
 printed, logged or written to a file.
 """
@@ -20,15 +19,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrcae.errors import CheckpointError, CxrcaeError, DownloadError
-from cxrcae.pretrained import PretrainedEncoder, load_encoder
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+from cxrcae._atomic import atomic_write_bytes, atomic_write_text
+from cxrcae.errors import CxrcaeError
+from cxrcae.hub.card import build_card
+from cxrcae.hub.resolve import (
+    CARD_NAME,
+    CONFIG_NAME,
+    HUB_FILES,
+    WEIGHTS_NAME,
+    download_checkpoint,
+    download_commit,
+    first_line,
+    hub_endpoint,
+    hub_offline,
+    is_http_error,
+    load_checkpoint,
+    parse_repo_ref,
+    resolve_checkpoint,
+)
+from cxrcae.models.cae import CAEEncoder
+from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 
-CARD_NAME = "README.md"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-DEFAULT_ENDPOINT = "https://huggingface.co"
 # Config keys that describe a whole autoencoder/classifier, not the encoder taken out of it.
 _NOT_ENCODER_KEYS = (
     "kind",
@@ -39,18 +55,6 @@ _NOT_ENCODER_KEYS = (
     "weights_sha256",
     "versions",
 )
-
-__all__ = [
-    "PretrainedEncoder",
-    "PullResult",
-    "PushError",
-    "PushResult",
-    "download_checkpoint",
-    "load_encoder",
-    "parse_repo_ref",
-    "pull",
-    "push_checkpoint",
-]
 
 
 class PushError(CxrcaeError):
@@ -78,44 +82,9 @@ class PullResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_repo_ref(ref: str) -> tuple[str, str | None]:
-    """``user/repo[@revision]`` -> (repo_id, revision or None); anything else is a clear error."""
-    text = str(ref).strip()
-    repo_id, _, revision = text.partition("@")
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
-        raise CheckpointError(f"{ref!r} is not a Hub id; expected user/repo or user/repo@revision")
-    if "@" in text and not revision:
-        raise CheckpointError(f"{ref!r}: empty revision after '@'")
-    return repo_id, revision or None
-
-
-# ----------------------------------------------------------------------------------------------- settings
-
-
-def hub_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def hub_cache_dir() -> str:
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    return os.path.join(home, "hub")
-
-
-def hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 @contextmanager
 def hub_progress_bars(enabled: bool) -> Iterator[None]:
     """Turn huggingface_hub's own byte-level tqdm bars off (e.g. for --quiet/--json), restoring them after."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     was_disabled = are_progress_bars_disabled()
     if not enabled:
         disable_progress_bars()
@@ -126,118 +95,11 @@ def hub_progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def _is_http_error(exc: BaseException) -> bool:
-    try:
-        import httpx2 as httpx  # what huggingface_hub >= 1.0 uses
-    except ImportError:  # pragma: no cover - older stacks
-        try:
-            import httpx
-        except ImportError:
-            return False
-    return isinstance(exc, httpx.HTTPError)
-
-
 # ----------------------------------------------------------------------------------------------- pull
-
-
-def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
-    """Download (or find in the cache) a Hub checkpoint; returns its snapshot folder.
-
-    Only ``config.json``, ``model.safetensors`` and ``README.md`` are fetched, all from the same commit; a
-    repo without safetensors weights is refused, whatever else it holds. Keys are checked later by the loader.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo_id, revision = parse_repo_ref(ref)
-    offline = hub_offline()
-    common: dict[str, Any] = {
-        "repo_id": repo_id,
-        "cache_dir": hub_cache_dir(),
-        "local_files_only": offline,
-        "token": token,
-    }
-    if not offline:
-        common["endpoint"] = hub_endpoint()
-
-    def fetch(filename: str, rev: str | None) -> Path:
-        return Path(hf_hub_download(filename=filename, revision=rev, **common))
-
-    where = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        try:
-            config_path = fetch(CONFIG_NAME, revision)
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-            if offline:
-                raise DownloadError(
-                    f"{where}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
-                    "pull it once while online"
-                ) from None
-            raise
-        except EntryNotFoundError:
-            raise CheckpointError(f"{where}: no {CONFIG_NAME} in the repo; not a cxrcae checkpoint") from None
-        folder = config_path.parent
-        commit = folder.name  # snapshots/<commit>/: pin the other files to the very same commit
-        try:
-            fetch(WEIGHTS_NAME, commit)
-        except EntryNotFoundError:
-            raise CheckpointError(
-                f"{where}: no {WEIGHTS_NAME} in the repo{_other_weights_hint(repo_id, commit, token)}; "
-                "cxrcae only loads safetensors weights (pickled .bin/.pt/.ckpt files are never loaded)"
-            ) from None
-        try:
-            fetch(CARD_NAME, commit)
-        except EntryNotFoundError:
-            pass  # a card is welcome, not required
-    except (CxrcaeError, KeyboardInterrupt):
-        raise
-    except GatedRepoError:
-        raise DownloadError(f"{where}: gated repo; accept its terms on the Hub and pass a token") from None
-    except RepositoryNotFoundError:
-        raise DownloadError(
-            f"{where}: repository not found on {hub_endpoint()} (private? pass --token or set HF_TOKEN)"
-        ) from None
-    except RevisionNotFoundError:
-        raise DownloadError(f"{where}: revision {revision!r} not found") from None
-    except HfHubHTTPError as exc:
-        raise DownloadError(f"{where}: Hub request failed ({_first_line(exc)})") from None
-    except (OSError, ValueError) as exc:
-        raise DownloadError(f"{where}: download failed ({_first_line(exc)})") from None
-    except Exception as exc:
-        if _is_http_error(exc):
-            raise DownloadError(f"{where}: cannot reach {hub_endpoint()} ({_first_line(exc)})") from None
-        raise
-    return folder
-
-
-def _other_weights_hint(repo_id: str, revision: str, token: str | None) -> str:
-    """Name the non-safetensors weights the repo does have, when the listing is reachable."""
-    try:
-        from huggingface_hub import HfApi
-
-        files = HfApi(endpoint=hub_endpoint(), token=token).list_repo_files(repo_id, revision=revision)
-    except Exception:  # only a hint: a failed listing must not hide the real message
-        return ""
-    weights = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".pkl"))]
-    return f" (it has {', '.join(weights[:5])})" if weights else ""
 
 
 def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -> PullResult:
     """Fetch ``user/repo[@rev]`` and check it loads strictly; with ``out``, copy the files there."""
-    from cxrcae.models.checkpoint import atomic_write_bytes, load_checkpoint
 
     repo_id, revision = parse_repo_ref(ref)
     folder = download_checkpoint(ref, token=token)
@@ -264,11 +126,6 @@ def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -
     )
 
 
-def download_commit(folder: Path) -> str | None:
-    """The commit a cache snapshot folder belongs to (its name), if ``folder`` is one."""
-    return folder.name if folder.parent.name == "snapshots" else None
-
-
 # ----------------------------------------------------------------------------------------------- push
 
 
@@ -278,8 +135,6 @@ def resolve_token(token: str | None) -> str:
         return token
     if os.environ.get("HF_TOKEN"):
         return os.environ["HF_TOKEN"]
-    from huggingface_hub import get_token
-
     saved = get_token()
     if not saved:
         raise PushError("no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`")
@@ -309,7 +164,7 @@ def _read_metrics(path: Path | None) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CxrcaeError(f"{path}: unreadable metrics file ({_first_line(exc)})") from None
+        raise CxrcaeError(f"{path}: unreadable metrics file ({first_line(exc)})") from None
 
 
 def prepare_upload(
@@ -325,21 +180,10 @@ def prepare_upload(
 
     The model is loaded strictly first, so a broken or mismatched folder is refused before anything is sent.
     """
-    from cxrcae.card import build_card
-    from cxrcae.models import CAEEncoder
-    from cxrcae.models.checkpoint import (
-        atomic_write_text,
-        encoder_state,
-        load_checkpoint,
-        load_state_strict,
-        resolve_checkpoint,
-        save_checkpoint,
-    )
-
     src = resolve_checkpoint(model_dir)
     _, config = load_checkpoint(src)
     if encoder_only:
-        state, _ = encoder_state(src)
+        state, _ = encoder_state_of_folder(src)
         encoder = CAEEncoder(int(config.get("in_chans", 3)))
         load_state_strict(encoder, state, f"{src} (encoder)")
         config = json.loads(
@@ -372,9 +216,6 @@ def push_checkpoint(
     progress: ProgressFn = no_progress,
 ) -> PushResult:
     """Create the repo if needed and upload weights + config + card as ONE commit to branch ``revision``."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     repo_id, at_revision = parse_repo_ref(repo_id)
     if at_revision and revision and at_revision != revision:
         raise CxrcaeError(f"two different revisions given: {at_revision!r} and {revision!r}")
@@ -409,12 +250,12 @@ def push_checkpoint(
                 raise PushError(
                     f"{repo_id}: not allowed to write (HTTP {status}); does the token have write access?"
                 ) from None
-            raise PushError(f"{repo_id}: upload failed ({_first_line(exc)})") from None
+            raise PushError(f"{repo_id}: upload failed ({first_line(exc)})") from None
         except (OSError, ValueError) as exc:
-            raise PushError(f"{repo_id}: upload failed ({_first_line(exc)})") from None
+            raise PushError(f"{repo_id}: upload failed ({first_line(exc)})") from None
         except Exception as exc:
-            if _is_http_error(exc):
-                raise PushError(f"cannot reach {hub_endpoint()} ({_first_line(exc)})") from None
+            if is_http_error(exc):
+                raise PushError(f"cannot reach {hub_endpoint()} ({first_line(exc)})") from None
             raise
         progress("push", steps, steps, "done")
     return PushResult(

@@ -29,7 +29,7 @@ from timm.models._pretrained import PretrainedCfg
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError
 from cxrcae.models.cae import NUM_FEATURES, CAEEncoder
-from cxrcae.pretrained import INTERPOLATION
+from cxrcae.models.encoder import INTERPOLATION
 
 __all__ = ["CxrcaeVggCae", "checkpoint_filter_fn", "cxrcae_vgg_cae"]
 

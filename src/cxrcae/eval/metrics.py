@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 # Per-class metrics; the macro/weighted rows average them (accuracy is overall, not averaged).
 CLASS_METRICS = ("precision", "recall", "specificity", "f1", "auc")
@@ -45,7 +46,6 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
     "confusion_matrix": [[...]]}``; recall is sensitivity. Undefined values (AUC of a class absent from
     ``y_true``) are NaN and are left out of the macro/weighted averages.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     y, p = _check(np.asarray(y_true), probs)
     k = p.shape[1]
@@ -86,7 +86,6 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
 
 
 def _auc_sklearn(positive: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
 
     if positive.all() or not positive.any():
         return float("nan")

@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
-from cxrcae.errors import CheckpointError, CxrcaeError
+from cxrcae._atomic import atomic_write_text
+from cxrcae.data import dataset_fingerprint, load_records
+from cxrcae.data.records import check_labels
+from cxrcae.errors import CheckpointError, CxrcaeError, DataError
+from cxrcae.eval.metrics import expected_calibration_error
+from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
+from cxrcae.infer.batches import collect_logits, load_for_inference
+from cxrcae.models.checkpoint import CONFIG_NAME, read_config
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import resolve_device, resolve_precision
 
 MIN_T, MAX_T = 0.05, 20.0
 
@@ -38,27 +47,20 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising validation NLL (convex in log T, so golden-section search)."""
+    """The T in [0.05, 20] minimising validation NLL (convex in log T: a bounded 1-D search)."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or len(labels) != len(logits):
         raise CxrcaeError(f"expected (n, classes) logits and n labels, got {logits.shape} and {len(labels)}")
     if len(labels) < 2:
         raise CxrcaeError("temperature scaling needs at least 2 labelled validation images")
-    lo, hi = np.log(MIN_T), np.log(MAX_T)
-    ratio = (np.sqrt(5.0) - 1.0) / 2.0
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(logits, labels, np.exp(a)), nll(logits, labels, np.exp(b))
-    for _ in range(80):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = nll(logits, labels, np.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = nll(logits, labels, np.exp(b))
-    return float(np.exp((lo + hi) / 2.0))
+    fit = minimize_scalar(
+        lambda log_t: nll(logits, labels, np.exp(log_t)),
+        bounds=(np.log(MIN_T), np.log(MAX_T)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(fit.x))
 
 
 def model_temperature(config: dict[str, Any]) -> float:
@@ -78,7 +80,6 @@ def store_temperature(model_dir: str | Path, temperature: float, info: dict[str,
 
     The weights are untouched, so ``weights_sha256`` stays valid.
     """
-    from cxrcae.models.checkpoint import CONFIG_NAME, atomic_write_text, read_config
 
     folder = Path(model_dir).expanduser()
     if not (folder / CONFIG_NAME).is_file():
@@ -107,13 +108,7 @@ def fit_and_store(
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
     """Fit T on the ``val`` rows of ``records``, store it in config.json of ``folder``, return the fit."""
-    from cxrcae.data import dataset_fingerprint
-    from cxrcae.errors import DataError
-    from cxrcae.evaluate import check_labels
-    from cxrcae.inference import collect_logits
-    from cxrcae.metrics import expected_calibration_error
-
-    if folder is None or "huggingface" in str(folder):
+    if folder is None or in_hub_cache(folder):
         raise CheckpointError(
             "calibration stores the temperature in config.json, which needs a local checkpoint folder; "
             "download the model to a folder first (e.g. `hf download REPO --local-dir DIR`)"
@@ -164,10 +159,6 @@ def calibrate(
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
     """Fit a temperature on the val split of a splits CSV and store it in ``model_dir``'s config.json."""
-    from cxrcae.data import load_records
-    from cxrcae.inference import load_for_inference
-    from cxrcae.models.checkpoint import resolve_checkpoint
-    from cxrcae.runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     folder = resolve_checkpoint(model_dir)

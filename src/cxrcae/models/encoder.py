@@ -1,6 +1,6 @@
 """The X-ray-pretrained encoder as a reusable module, its input contract attached.
 
-``load_encoder(ref)`` accepts any checkpoint kind (autoencoder, classifier, encoder-only), from a local folder
+``cxrcae.hub.resolve.load_encoder(ref)`` accepts any checkpoint kind (autoencoder, classifier, encoder-only), from a local folder
 or a Hub id, and returns a ``PretrainedEncoder``: the paper's encoder (state-dict keys ``stages.*``, identical
 to an encoder-only checkpoint and to timm's ``cxrcae_vgg_cae``) that carries ``preprocess`` and a timm-style
 ``pretrained_cfg``, so a downstream project cannot feed it differently prepared pixels by accident.
@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrcae import bundled
 from cxrcae.errors import CxrcaeError
+from cxrcae.io.resize import load_for_model, resize_xray
 from cxrcae.models.cae import NUM_FEATURES, REDUCTION, CAEEncoder
-from cxrcae.models.checkpoint import encoder_state, load_state_strict
 
 # Pillow "L" conversion weights (ITU-R 601-2 luma): what load_xray does to RGB files, applied to RGB arrays.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -71,14 +70,10 @@ class PretrainedEncoder(CAEEncoder):
                 raise CxrcaeError("preprocess got an empty list")
             return torch.stack([self.preprocess(item) for item in image])
         if isinstance(image, (str, Path)):
-            from cxrcae.io import load_for_model
-
             return torch.from_numpy(load_for_model(image, self.image_size, self.resize_mode))
         return torch.from_numpy(self._prepare_array(image))
 
     def _prepare_array(self, image: Any) -> np.ndarray:
-        from cxrcae.io import resize_xray
-
         gray = array_to_unit_gray(image)
         img = resize_xray(gray, self.image_size, self.resize_mode)
         return np.ascontiguousarray(np.broadcast_to(img, (3, *img.shape)), dtype=np.float32)
@@ -117,16 +112,3 @@ def array_to_unit_gray(image: Any) -> np.ndarray:
     if scaled.ndim == 3:
         scaled = scaled[..., :3] @ _LUMA
     return np.ascontiguousarray(scaled, dtype=np.float32)
-
-
-def load_encoder(
-    ref: str | Path | None = None, pooled: bool = False, device: str | torch.device = "cpu"
-) -> PretrainedEncoder:
-    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode;
-    without ``ref``, the X-ray-pretrained encoder shipped with the package."""
-    if ref is None:
-        ref = bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
-    state, config = encoder_state(ref)
-    encoder = PretrainedEncoder(config, pooled=pooled)
-    load_state_strict(encoder, state, f"{ref} (encoder)")
-    return encoder.to(device).eval()

@@ -25,11 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
+from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CheckpointError
+from cxrcae.hub.card import build_card
+from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.models.cae import DECODER_CHANNELS, ENCODER_CHANNELS, REDUCTION
+from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
+from cxrcae.models.factory import build_model
+from cxrcae.models.heads import HEADS, build_head
 
 N_ENCODER = len(ENCODER_CHANNELS)
 N_DECODER = len(DECODER_CHANNELS) + 1
@@ -91,7 +98,6 @@ def _short(name: str) -> str:
 
 def read_keras_h5(path: str | Path) -> KerasFile:
     """Every weight tensor of a Keras .h5 (full model or weights-only file), grouped into layers in order."""
-    import h5py
 
     path = Path(path)
     try:
@@ -223,7 +229,6 @@ def keras_state_dict(
 def _head_state(
     layers: list[KerasLayer], image_size: int | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from cxrcae.models.heads import HEADS, build_head
 
     lstms = [layer for layer in layers if layer.type == "lstm"]
     denses = [layer for layer in layers if layer.type == "dense"]
@@ -275,14 +280,6 @@ def import_keras(
     resize_mode: str = "stretch",
 ) -> ImportResult:
     """Convert ``path`` into a strict cxrcae checkpoint folder (+ model card) at ``out_dir``."""
-    from cxrcae.card import build_card
-    from cxrcae.models.checkpoint import (
-        atomic_write_text,
-        load_checkpoint,
-        load_state_strict,
-        save_checkpoint,
-    )
-    from cxrcae.models.factory import build_model
 
     path = Path(path)
     if not path.is_file():

@@ -23,6 +23,9 @@ import torch
 
 from cxrcae.data import XrayDataset, class_names
 from cxrcae.errors import DataError
+from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
+from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+from cxrcae.models.checkpoint import load_state_strict
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
 from cxrcae.train.config import FinetuneConfig
@@ -59,7 +62,6 @@ def finetune(
 
 def load_encoder_init(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encoder tensors and their provenance (reference, kind, weights sha256, how it was trained)."""
-    from cxrcae.models.checkpoint import encoder_state, resolve_checkpoint
 
     state, config = encoder_state(ref)
     provenance = {
@@ -83,8 +85,6 @@ def run_finetune(
     encoder_provenance: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Build classifier, datasets and stages for ``tdata`` and run (or continue) the epoch loop."""
-    from cxrcae.models import CAEEncoder, CXRClassifier, build_head
-    from cxrcae.models.checkpoint import load_state_strict
 
     names = class_names(tdata.train)
     if len(names) < 2:

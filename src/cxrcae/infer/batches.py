@@ -26,10 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrcae.errors import CxrcaeError, ImageLoadError
+from cxrcae.errors import CheckpointError, CxrcaeError, ImageLoadError
+from cxrcae.hub.resolve import load_checkpoint
+from cxrcae.io import load_for_model
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import autocast
 
 
 @dataclass
@@ -70,7 +74,6 @@ class PathDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, str, torch.Tensor | None, str | None]:
-        from cxrcae.io import load_for_model
 
         path = self.paths[index]
         try:
@@ -133,10 +136,6 @@ def load_for_inference(model: Any, device: torch.device, kind: str = "classifier
 
     Refuses a checkpoint of the wrong kind with a message saying which command fits it.
     """
-    from torch import nn
-
-    from cxrcae.errors import CheckpointError
-    from cxrcae.models.checkpoint import load_checkpoint
 
     if isinstance(model, nn.Module):
         config = getattr(model, "cxrcae_config", None)
@@ -193,7 +192,6 @@ def collect_logits(
     task: str = "inference",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
     """Logits (n_ok, K) of the readable files, their indices in ``paths``, (index, path, reason) errors."""
-    from cxrcae.runtime import autocast
 
     chunks, ok, errors = [], [], []
     size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")

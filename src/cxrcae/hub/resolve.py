@@ -1,0 +1,225 @@
+"""Where a checkpoint lives: a local folder or a Hub id ``user/repo[@revision]``, like ``from_pretrained``.
+
+Everything that accepts a model (predict, evaluate, embed, finetune's ``--encoder``, ``load_model``,
+``load_encoder``) goes through ``resolve_checkpoint``: a folder is used as is, a Hub id is downloaded into
+the Hugging Face cache (config, safetensors weights and card only, all from one commit) and the snapshot
+folder is used. Hub settings (``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) are
+huggingface_hub's own, read from ``huggingface_hub.constants``; nothing here re-derives them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from torch import nn
+
+from cxrcae import bundled
+from cxrcae.errors import CheckpointError, CxrcaeError, DownloadError
+from cxrcae.models.checkpoint import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    encoder_state_of_folder,
+    load_folder,
+    load_state_strict,
+)
+from cxrcae.models.encoder import PretrainedEncoder
+
+try:  # the HTTP client huggingface_hub >= 1.0 uses
+    import httpx2 as _httpx
+except ImportError:  # pragma: no cover - older stacks
+    try:
+        import httpx as _httpx
+    except ImportError:
+        _httpx = None
+
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+
+
+def parse_repo_ref(ref: str) -> tuple[str, str | None]:
+    """``user/repo[@revision]`` -> (repo_id, revision or None); anything else is a clear error."""
+    text = str(ref).strip()
+    repo_id, _, revision = text.partition("@")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise CheckpointError(f"{ref!r} is not a Hub id; expected user/repo or user/repo@revision")
+    if "@" in text and not revision:
+        raise CheckpointError(f"{ref!r}: empty revision after '@'")
+    return repo_id, revision or None
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+def hub_endpoint() -> str:
+    return constants.ENDPOINT.rstrip("/")
+
+
+def hub_offline() -> bool:
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
+def in_hub_cache(path: str | Path) -> bool:
+    """Whether ``path`` is inside the Hugging Face cache (compared as resolved paths, never by name).
+
+    Files there are shared, read-only snapshots (symlinks into ``blobs/``): nothing may be written through them.
+    """
+    try:
+        return Path(path).expanduser().resolve().is_relative_to(hub_cache_dir().resolve())
+    except OSError:
+        return False
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def is_http_error(exc: BaseException) -> bool:
+    return _httpx is not None and isinstance(exc, _httpx.HTTPError)
+
+
+# ----------------------------------------------------------------------------------------------- download
+
+
+def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
+    """Download (or find in the cache) a Hub checkpoint; returns its snapshot folder.
+
+    Only ``config.json``, ``model.safetensors`` and ``README.md`` are fetched, all from the same commit; a
+    repo without safetensors weights is refused, whatever else it holds. Keys are checked later by the loader.
+    """
+    repo_id, revision = parse_repo_ref(ref)
+    offline = hub_offline()
+    common: dict[str, Any] = {"repo_id": repo_id, "local_files_only": offline, "token": token}
+
+    def fetch(filename: str, rev: str | None) -> Path:
+        return Path(hf_hub_download(filename=filename, revision=rev, **common))
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        try:
+            config_path = fetch(CONFIG_NAME, revision)
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+            if offline:
+                raise DownloadError(
+                    f"{where}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                    "pull it once while online"
+                ) from None
+            raise
+        except EntryNotFoundError:
+            raise CheckpointError(f"{where}: no {CONFIG_NAME} in the repo; not a cxrcae checkpoint") from None
+        folder = config_path.parent
+        commit = folder.name  # snapshots/<commit>/: pin the other files to the very same commit
+        try:
+            fetch(WEIGHTS_NAME, commit)
+        except EntryNotFoundError:
+            raise CheckpointError(
+                f"{where}: no {WEIGHTS_NAME} in the repo{_other_weights_hint(repo_id, commit, token)}; "
+                "cxrcae only loads safetensors weights (pickled .bin/.pt/.ckpt files are never loaded)"
+            ) from None
+        try:
+            fetch(CARD_NAME, commit)
+        except EntryNotFoundError:
+            pass  # a card is welcome, not required
+    except (CxrcaeError, KeyboardInterrupt):
+        raise
+    except GatedRepoError:
+        raise DownloadError(f"{where}: gated repo; accept its terms on the Hub and pass a token") from None
+    except RepositoryNotFoundError:
+        raise DownloadError(
+            f"{where}: repository not found on {hub_endpoint()} (private? pass --token or set HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise DownloadError(f"{where}: revision {revision!r} not found") from None
+    except HfHubHTTPError as exc:
+        raise DownloadError(f"{where}: Hub request failed ({first_line(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise DownloadError(f"{where}: download failed ({first_line(exc)})") from None
+    except Exception as exc:
+        if is_http_error(exc):
+            raise DownloadError(f"{where}: cannot reach {hub_endpoint()} ({first_line(exc)})") from None
+        raise
+    return folder
+
+
+def _other_weights_hint(repo_id: str, revision: str, token: str | None) -> str:
+    """Name the non-safetensors weights the repo does have, when the listing is reachable."""
+    try:
+        files = HfApi(endpoint=hub_endpoint(), token=token).list_repo_files(repo_id, revision=revision)
+    except Exception:  # only a hint: a failed listing must not hide the real message
+        return ""
+    weights = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".pkl"))]
+    return f" (it has {', '.join(weights[:5])})" if weights else ""
+
+
+def download_commit(folder: Path) -> str | None:
+    """The commit a cache snapshot folder belongs to (its name), if ``folder`` is one."""
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """A local folder, or a Hugging Face Hub id ``user/repo[@revision]`` downloaded into the HF cache."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME):
+        return path.parent
+    text = str(ref)
+    if not path.exists() and _looks_like_hub_id(text):
+        return download_checkpoint(text)
+    raise CheckpointError(f"{ref}: no such checkpoint folder (expected {WEIGHTS_NAME} + {CONFIG_NAME})")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    repo = text.split("@", 1)[0]
+    parts = repo.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config)."""
+    return load_folder(resolve_checkpoint(ref), device)
+
+
+def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model alone, its config attached as ``model.cxrcae_config``."""
+    model, config = load_checkpoint(ref, device)
+    model.cxrcae_config = config  # type: ignore[attr-defined]
+    return model
+
+
+def encoder_state(ref: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The encoder's tensors (keys without the ``encoder.`` prefix) from any checkpoint kind."""
+    return encoder_state_of_folder(resolve_checkpoint(ref))
+
+
+def load_encoder(
+    ref: str | Path | None = None, pooled: bool = False, device: str | torch.device = "cpu"
+) -> PretrainedEncoder:
+    """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode;
+    without ``ref``, the X-ray-pretrained encoder shipped with the package."""
+    if ref is None:
+        ref = bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
+    state, config = encoder_state(ref)
+    encoder = PretrainedEncoder(config, pooled=pooled)
+    load_state_strict(encoder, state, f"{ref} (encoder)")
+    return encoder.to(device).eval()
