@@ -240,7 +240,7 @@ def test_new_run_refuses_existing_run_folder(mini_folder, tmp_path):
 
 
 def test_nan_loss_stops_naming_epoch_and_keeps_checkpoint(mini_folder, tmp_path, monkeypatch):
-    from cxrcae.train import loop
+    from cxrcae.train import engine as loop
 
     calls = {"n": 0}
     original = loop.Reconstruction.__call__
@@ -270,7 +270,8 @@ def test_bf16_validation_loss_matches_fp32(mini_folder):
     from cxrcae.data import XrayDataset, load_records
     from cxrcae.models import ConvAutoencoder
     from cxrcae.train.data import make_loader
-    from cxrcae.train.loop import Reconstruction, Runtime, evaluate
+    from cxrcae.train.engine import Reconstruction, Runtime
+    from cxrcae.train.engine import validate as evaluate
 
     torch.manual_seed(0)
     model = ConvAutoencoder()

@@ -12,9 +12,10 @@ import torch
 from cxrcae import runtime
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import CAEEncoder, CXRClassifier, build_head
-from cxrcae.runtime import resolve_device, resolve_precision, seed_everything
-from cxrcae.train.stopping import EarlyStopping
-from cxrcae.train.unfreeze import apply_stage, expand_stages, train_mode
+from cxrcae.runtime import reproducible, resolve_device, resolve_precision
+from cxrcae.train.config import expand_stages
+from cxrcae.train.engine import EarlyStopping, train_mode
+from cxrcae.train.finetuning import apply_stage
 
 
 def _classifier() -> CXRClassifier:
@@ -101,12 +102,12 @@ def test_optimizer_state_round_trips_without_pickle():
 def test_rng_state_round_trips():
     from cxrcae.train.state import capture_rng, restore_rng
 
-    seed_everything(3)
-    tensors, meta = capture_rng()
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.rand(10), random.random(), np.random.rand()
-    restore_rng(tensors, meta)
-    got = (torch.rand(3), random.random(), np.random.rand())
+    with reproducible(3):
+        tensors, meta = capture_rng()
+        expected = (torch.rand(3), random.random(), np.random.rand())
+        torch.rand(10), random.random(), np.random.rand()
+        restore_rng(tensors, meta)
+        got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
 
 
@@ -135,14 +136,58 @@ def test_class_weights_balance_the_loss():
         class_weights([0, 0, 1], 3)
 
 
-def test_classification_metrics():
-    from cxrcae.train.loop import classification_metrics
+def test_validation_metrics_of_a_classifier():
+    import numpy as np
 
-    cm = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 2, 2]])
-    m = classification_metrics(cm, ["a", "b", "c"])
-    assert m["accuracy"] == pytest.approx(7 / 10)
-    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
-    assert m["recall"]["b"] == 1.0
+    from cxrcae.train.engine import Classification, EpochStats
+
+    # confusion (true rows): a: 3 a + 1 b; b: 2 b; c: 2 b + 2 c
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    probs = np.full((10, 3), 0.1)
+    probs[np.arange(10), pred] = 0.8
+    m = Classification(["a", "b", "c"]).epoch_metrics(EpochStats(1.0, 10, 1.0, probs=probs, labels=y))
+    assert m["val_accuracy"] == pytest.approx(7 / 10)
+    assert m["val_balanced_accuracy"] == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
+    f1 = [2 * 1 * 0.75 / 1.75, 2 * 0.4 * 1 / 1.4, 2 * 1 * 0.5 / 1.5]  # precision a 3/3, b 2/5, c 2/2
+    assert m["val_macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_mean_image_baseline_comes_from_the_first_epoch():
+    from cxrcae.train.engine import EpochStats, Reconstruction
+
+    torch.manual_seed(0)
+    train, val = torch.rand(6, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    objective = Reconstruction()
+    model = torch.nn.Identity()
+    for chunk in train.split(4):
+        objective(model.train(), chunk, torch.zeros(len(chunk)))
+    objective(model.eval(), val, torch.zeros(3))
+    objective.epoch_metrics(EpochStats(0.0, 3, 1.0))
+    expected = ((val - train.mean(0)) ** 2).mean().item()
+    assert objective.baseline["val_mse_mean_image"] == pytest.approx(expected, rel=1e-6)
+    assert objective.baseline["train_images"] == 6 and objective.baseline["val_images"] == 3
+    objective(model.eval(), torch.ones(2, 3, 8, 8), torch.zeros(2))  # later epochs do not change it
+    objective.epoch_metrics(EpochStats(0.0, 2, 1.0))
+    assert objective.baseline["val_mse_mean_image"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_reproducible_leaves_the_process_as_it_found_it():
+    import os
+    import random
+
+    from cxrcae.runtime import CUBLAS_ENV, reproducible
+
+    torch.use_deterministic_algorithms(False)
+    before = (torch.get_rng_state(), random.getstate(), os.environ.get(CUBLAS_ENV))
+    with reproducible(3):
+        assert torch.are_deterministic_algorithms_enabled()
+        first = torch.rand(3)
+    with reproducible(3):
+        assert torch.equal(torch.rand(3), first)  # the same seed gives the same numbers
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert os.environ.get(CUBLAS_ENV) == before[2]
 
 
 def test_runtime_resolution():

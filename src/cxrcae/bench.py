@@ -1,8 +1,9 @@
 """Benchmarks: figures for the training steps and for prediction, optionally beside the Keras reference.
 
 Speed is never asserted in tests (these machines are noisy); it is measured here and compared as ratios taken
-side by side in one run. ``cxrcae bench`` prints these rows. The Keras peer is the paper's own models in
-TensorFlow (``keras_reference.py``), run in the Python that has TensorFlow installed.
+side by side in one run. ``run_bench`` is the whole benchmark (ours, the Keras peer, the ratios) and
+``cxrcae bench`` prints its rows. The Keras peer is the paper's own models in TensorFlow
+(``keras_reference.py``), run in the Python that has TensorFlow installed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
-from cxrcae.train.unfreeze import apply_stage
+from cxrcae.train.finetuning import apply_stage
 
 DEFAULT_SETTINGS: tuple[tuple[str, bool], ...] = (("fp32", False), ("fp32", True), ("bf16", True))
 TRAIN_TASKS = ("pretrain", "finetune-frozen", "finetune")
@@ -239,3 +241,135 @@ def keras_reference(
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise CxrcaeError(f"Keras reference failed (exit {done.returncode}): {tail}")
     return json.loads(lines[-1])
+
+
+@dataclass
+class BenchReport:
+    """The rows of one ``run_bench``, in the order they were measured.
+
+    Each row has ``impl`` (``cxrcae`` or ``keras``) and ``task``. Our rows are those of ``bench_train_step``
+    and ``bench_predict``; a Keras row carries the peer's ``images_per_s``. Our rows with a Keras row of the
+    same task get ``vs_keras``: our images/s over the peer's (above 1: we are faster).
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def keras_figures(self) -> dict[str, float]:
+        """The Keras images/s of each task that has a peer row (the last one, when a task has several)."""
+        return _keras_figures(self.rows)
+
+    @property
+    def comparisons(self) -> list[dict[str, Any]]:
+        """Our rows that have a Keras peer: the setting, our figure, the Keras figure and the ratio."""
+        peers = self.keras_figures
+        return [
+            {
+                "task": r["task"],
+                "precision": r.get("precision"),
+                "channels_last": r.get("channels_last"),
+                "images_per_s": r["images_per_s"],
+                "keras_images_per_s": peers[r["task"]],
+                "vs_keras": r["vs_keras"],
+            }
+            for r in self.rows
+            if r["impl"] == "cxrcae" and "vs_keras" in r
+        ]
+
+
+def run_bench(
+    tasks: Sequence[str] = TRAIN_TASKS,
+    image_size: int = 224,
+    batch_size: int = 16,
+    steps: int = 5,
+    warmup: int = 2,
+    settings: Sequence[tuple[str, bool]] = DEFAULT_SETTINGS,
+    predict: Sequence[str | Path] | None = None,
+    predict_batch_size: int = 32,
+    device: str = "auto",
+    keras_python: str | Path | None = None,
+    keras_script: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+) -> BenchReport:
+    """Time each training ``task`` in each setting and, with ``predict`` files, prediction; each beside the
+    Keras peer when ``keras_python`` and ``keras_script`` are given, so the ratios come from one run.
+
+    The peer trains in fp32 with the same image size, batch size and step count (``finetune-frozen`` is its
+    ``finetune --frozen``) and predicts each ``predict`` folder with ``predict_batch_size``.
+    """
+
+    tasks = list(tasks)
+    bad = [t for t in tasks if t not in TRAIN_TASKS]
+    if bad:
+        raise CxrcaeError(f"unknown benchmark task(s) {', '.join(bad)}; use {', '.join(TRAIN_TASKS)}")
+    if (keras_python is None) != (keras_script is None):
+        raise CxrcaeError("the Keras peer needs both a Python with TensorFlow and keras_reference.py")
+    peer_cmd = (keras_python, keras_script) if keras_python is not None and keras_script is not None else None
+
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        ours = bench_train_step(
+            image_size, batch_size, steps, warmup, settings, device, task=task, progress=progress
+        )
+        rows += [{"impl": "cxrcae", **r} for r in ours]
+        if peer_cmd is not None:
+            progress(f"{task} keras", 0, 1)
+            peer = keras_reference(*peer_cmd, *_keras_train_args(task, image_size, batch_size, steps))
+            progress(f"{task} keras", 1, 1)
+            rows.append(
+                {
+                    "impl": "keras",
+                    "task": task,
+                    "precision": "fp32",
+                    "images_per_s": peer["images_per_s"],
+                    "image_size": image_size,
+                    "batch_size": batch_size,
+                    "tf": peer.get("tf"),
+                }
+            )
+    if predict:
+        ours = bench_predict(predict, None, image_size, predict_batch_size, device=device, progress=progress)
+        rows += [{"impl": "cxrcae", **r} for r in ours]
+        if peer_cmd is not None:
+            for folder in predict:
+                peer = keras_reference(
+                    *peer_cmd,
+                    "predict",
+                    str(folder),
+                    "--size",
+                    str(image_size),
+                    "--batch",
+                    str(predict_batch_size),
+                )
+                rows.append(
+                    {
+                        "impl": "keras",
+                        "task": "predict",
+                        "images_per_s": peer["images_per_s"],
+                        "images": peer.get("images"),
+                        "image_size": image_size,
+                    }
+                )
+    _add_ratios(rows)
+    return BenchReport(rows)
+
+
+def _keras_train_args(task: str, image_size: int, batch_size: int, steps: int) -> list[str]:
+    """``keras_reference.py`` task and arguments of the peer of our training ``task``."""
+    peer_task = "pretrain" if task == "pretrain" else "finetune"
+    args = [peer_task, "--size", str(image_size), "--batch", str(batch_size), "--steps", str(steps)]
+    if task == "finetune-frozen":
+        args.append("--frozen")
+    return args
+
+
+def _keras_figures(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    return {r["task"]: r["images_per_s"] for r in rows if r["impl"] == "keras"}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each cxrcae row's speed relative to the Keras row of the same task, when there is one."""
+    peers = _keras_figures(rows)
+    for r in rows:
+        if r["impl"] == "cxrcae" and r.get("images_per_s") and peers.get(r["task"]):
+            r["vs_keras"] = r["images_per_s"] / peers[r["task"]]

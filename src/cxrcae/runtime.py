@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from cxrcae.errors import CxrcaeError
+
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -112,21 +115,43 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int, *, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch (all devices); with ``deterministic`` ask torch for reproducible kernels.
+@contextmanager
+def reproducible(seed: int, *, deterministic: bool = True) -> Iterator[None]:
+    """Inside the block: Python, NumPy and torch RNGs seeded, and (with ``deterministic``) torch asked for
+    reproducible kernels. On leaving, every one of those is put back as it was, so a library call such as
+    ``pretrain()`` leaves the caller's process as it found it.
 
     ``warn_only`` keeps GPU runs going where an op has no deterministic implementation.
     """
     seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        if torch.backends.cudnn.is_available():
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+    py_state, np_state = random.getstate(), np.random.get_state()
+    flags = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    cublas = os.environ.get(CUBLAS_ENV)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            if deterministic:
+                if cublas is None:
+                    os.environ[CUBLAS_ENV] = ":4096:8"  # cuBLAS reads it when a handle is created
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                torch.backends.cudnn.benchmark = False
+                torch.backends.cudnn.deterministic = True
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[2], flags[3]
+        if cublas is None:
+            os.environ.pop(CUBLAS_ENV, None)
 
 
 def worker_init_fn(worker_id: int) -> None:

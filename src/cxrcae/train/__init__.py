@@ -5,10 +5,9 @@ a ``TrainResult``; ``resume_run(out_dir)`` continues an interrupted run of eithe
 """
 
 from cxrcae.train.config import FinetuneConfig, PretrainConfig, TrainConfig
+from cxrcae.train.engine import NonFiniteLossError, TrainResult
 from cxrcae.train.finetuning import finetune
-from cxrcae.train.loop import NonFiniteLossError
 from cxrcae.train.pretraining import pretrain
-from cxrcae.train.result import TrainResult
 from cxrcae.train.resume import resume_run
 
 __all__ = [

@@ -1,17 +1,44 @@
 """Training settings as dataclasses: what the CLI fills in, what the run folder records, what resume reads.
 
+Fine-tuning stages (``--stages``, comma-separated, run in order): ``head`` trains the head over a frozen
+encoder; ``conv6`` ... ``conv2`` the head plus encoder blocks from that convolution up (ULMFiT style);
+``all`` every parameter; ``gradual`` is ``conv6,conv5,conv4,conv3,conv2,all``.
+
 Defaults follow the paper (and the authors' code where the two disagree); every field is saved under
 ``training`` in the best checkpoint's config.json, so a result can always be traced to its settings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import HEADS
-from cxrcae.train.unfreeze import expand_stages
+
+ENCODER_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
+GRADUAL = ("conv6", "conv5", "conv4", "conv3", "conv2", "all")
+STAGE_NAMES = ("head", *reversed(ENCODER_BLOCKS[1:]), "all")
+
+
+def expand_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate ``--stages`` and expand ``gradual``; raises ``CxrcaeError`` on unknown names."""
+    if isinstance(stages, str):
+        stages = [s for s in stages.replace(" ", "").split(",") if s]
+    out: list[str] = []
+    for name in stages:
+        name = name.strip().lower()
+        if name == "gradual":
+            out += GRADUAL
+        elif name in STAGE_NAMES:
+            out.append(name)
+        else:
+            raise CxrcaeError(f"unknown stage {name!r}; use {', '.join(STAGE_NAMES)} or gradual")
+    if not out:
+        raise CxrcaeError("--stages needs at least one stage (e.g. head,all)")
+    return tuple(out)
+
 
 BALANCE_MODES = ("none", "loss", "sampler", "source")
 """``loss``: class-weighted cross-entropy (n / (k * n_c)); ``sampler``: WeightedRandomSampler over classes;

@@ -1,6 +1,6 @@
 """From DATA to train/val loaders: split selection, unreadable-file tolerance, augmentation, balancing.
 
-Test images are never loaded here. A DataLoader is built per epoch with a generator seeded from
+Test images are never loaded here. A DataLoader is built once per run; each epoch reseeds its generator from
 (seed, epoch), so shuffling, sampling and worker augmentation depend only on the seed and the epoch number,
 which is what makes ``--resume`` reach the same weights as an uninterrupted run.
 """
@@ -105,10 +105,12 @@ def pretrain_data(
     return TrainData(train, val, data, "on-the-fly")
 
 
-def finetune_data(data: str | Path, out_dir: Path, progress: ProgressFn = no_progress) -> TrainData:
+def finetune_data(
+    data: str | Path, out_dir: Path, seed: int = 0, progress: ProgressFn = no_progress
+) -> TrainData:
     """Labelled view of DATA: a splits CSV's train/val (test never touched), or a leak-free split made
-    now with ``cxrcae split``'s defaults (ratios 0.73/0.135/0.135, seed 0, pixel dedupe), so the same DATA
-    gives the same split either way; it is written to OUT/splits.csv."""
+    now as ``cxrcae split --seed SEED`` makes it (ratios 0.73/0.135/0.135, pixel dedupe), so the same DATA
+    and seed give the same split either way; it is written to OUT/splits.csv."""
 
     records = load_records(data, labeled=True)
     data = os.path.abspath(data)
@@ -118,7 +120,7 @@ def finetune_data(data: str | Path, out_dir: Path, progress: ProgressFn = no_pro
         raise DataError(f"{data}: no labelled images")
     split = _from_split_column(records, data, need_labels=True)
     if split is None:
-        split_recs = make_splits(records, DEFAULT_RATIOS, 0, dedupe=True, progress=progress)
+        split_recs = make_splits(records, DEFAULT_RATIOS, seed, dedupe=True, progress=progress)
         write_records(split_recs, out_dir / SPLITS_NAME)
         train = [r for r in split_recs if r.split == "train"]
         val = [r for r in split_recs if r.split == "val"]

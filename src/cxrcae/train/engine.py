@@ -1,10 +1,15 @@
-"""The epoch loop shared by pretraining and fine-tuning: stages, early stopping, checkpoints, resume.
+"""The training engine shared by pretraining and fine-tuning, in reading order (nanoGPT style).
 
-A run is a list of stages (pretraining has one); each stage builds a fresh Adam over the parameters it
-trains, runs up to its epoch budget with early stopping on validation loss, and the next stage starts
-from the best weights so far (Keras ``restore_best_weights`` semantics; a stage that never beats the
-previous best leaves it in place). After every epoch OUT/history.csv and the resume state OUT/last/ are
-rewritten; OUT/best/ is rewritten whenever the validation loss improves.
+1. What a run is made of: where tensors live (``Runtime``), the objective (``Reconstruction`` or
+   ``Classification``), the stages (``StagePlan``), early stopping, and what a run returns (``TrainResult``).
+2. One epoch: ``train_one_epoch`` (frozen modules stay in eval mode) and ``validate`` (no gradients).
+3. The loop: ``fit`` runs the stages. Each stage builds a fresh Adam over the parameters it trains and runs up
+   to its epoch budget with early stopping on validation loss; the next stage starts from the best weights so
+   far (Keras ``restore_best_weights`` semantics). After every epoch OUT/history.csv and the resume state
+   OUT/last/ are rewritten (``cxrcae.train.state``); OUT/best/ whenever the validation loss improves.
+
+Losses are computed in fp32 even under bf16/fp16 autocast; a non-finite loss stops the run at once naming
+the epoch and step, and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -13,27 +18,140 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from cxrcae._atomic import atomic_write_text
+from cxrcae.errors import CxrcaeError
+from cxrcae.eval.metrics import classification_metrics
 from cxrcae.hub.card import build_card
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import autocast
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
-from cxrcae.train.loop import EpochStats, NonFiniteLossError, Runtime, evaluate, train_one_epoch
-from cxrcae.train.state import optimizer_from_flat, restore_rng, save_resume_state
-from cxrcae.train.stopping import EarlyStopping
+from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state
 
 BEST = "best"
 HISTORY_NAME = "history.csv"
+RUN_MARKERS = (BEST, LAST, ".last-tmp", HISTORY_NAME)
+
+# ----------------------------------------------------------------------------------------------- 1. parts
+
+
+class NonFiniteLossError(CxrcaeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where tensors live and how they are computed: device, autocast dtype (None = fp32), memory format."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def images(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["image"].to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class Reconstruction:
+    """Autoencoder objective: mean squared error between reconstruction and input.
+
+    During the first epoch it also keeps per-pixel sums of the images it scores, which gives the mean-image
+    baseline (the validation MSE of always answering the mean training image, the bar a useful autoencoder
+    must clear) without decoding the data a second time.
+    """
+
+    name = "mse"
+
+    def __init__(self) -> None:
+        self._train_sum: torch.Tensor | None = None
+        self._val_sum: torch.Tensor | None = None
+        self._val_sumsq: torch.Tensor | None = None
+        self._n = {"train": 0, "val": 0}
+        self.baseline: dict[str, Any] | None = None
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        out = model(images)
+        if self.baseline is None:
+            self._observe(images, "train" if model.training else "val")
+        return F.mse_loss(out.float(), images.float()), out
+
+    def _observe(self, images: torch.Tensor, split: str) -> None:
+        x = images.detach().double().cpu()
+        self._n[split] += len(x)
+        if split == "train":
+            self._train_sum = _add(self._train_sum, x.sum(0))
+        else:
+            self._val_sum, self._val_sumsq = (
+                _add(self._val_sum, x.sum(0)),
+                _add(self._val_sumsq, (x * x).sum(0)),
+            )
+
+    def epoch_metrics(self, stats: EpochStats) -> dict[str, Any]:
+        n_train, n_val = self._n["train"], self._n["val"]
+        if self.baseline is None and n_train and n_val:
+            mean = self._train_sum / n_train
+            # sum over validation images of (x - mean)^2, from their per-pixel sums
+            sq = self._val_sumsq - 2 * mean * self._val_sum + n_val * mean * mean
+            mse = (sq / n_val).clamp_min(0).mean().item()
+            self.baseline = {"val_mse_mean_image": mse, "train_images": n_train, "val_images": n_val}
+            self._train_sum = self._val_sum = self._val_sumsq = None
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {"baseline": self.baseline}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.baseline = state.get("baseline")
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+class Classification:
+    """Cross-entropy on logits, optionally class-weighted (``--balance loss``); validation accuracy,
+    balanced accuracy (macro recall) and macro F1 from ``cxrcae.eval.metrics``."""
+
+    name = "cross_entropy"
+
+    def __init__(self, class_names: list[str], weight: torch.Tensor | None = None):
+        self.class_names = list(class_names)
+        self.weight = weight
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        weight = self.weight.to(logits.device) if self.weight is not None else None
+        return F.cross_entropy(logits.float(), labels, weight=weight), logits
+
+    def epoch_metrics(self, stats: EpochStats) -> dict[str, Any]:
+        m = classification_metrics(stats.labels, stats.probs, self.class_names)
+        return {
+            "val_accuracy": m["accuracy"],
+            "val_balanced_accuracy": m["macro"]["recall"],
+            "val_macro_f1": m["macro"]["f1"],
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -44,27 +162,236 @@ class StagePlan:
 
 
 @dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without an improvement larger than ``min_delta`` (Keras semantics).
+
+    ``best`` may start from a previous stage's best value, so a later stage that never beats it ends with
+    the earlier weights restored. It travels in the resume state as a dict.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value`` for ``epoch``; True when it is a new best (the caller then saves weights)."""
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.stopped = True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["best"] = None if math.isinf(self.best) else self.best
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EarlyStopping:
+        values = dict(data)
+        values["best"] = math.inf if values.get("best") is None else float(values["best"])
+        return cls(**values)
+
+
+@dataclass
 class Run:
-    """Everything the loop needs; built by ``pretrain`` / ``finetune``."""
+    """Everything ``fit`` needs; built by ``pretrain`` / ``finetune``."""
 
     kind: str  # "pretrain" | "finetune"
     model: nn.Module
-    objective: Any
+    objective: Reconstruction | Classification
     rt: Runtime
     cfg: TrainConfig
     out_dir: Path
     train_set: Dataset
     val_set: Dataset
     stages: list[StagePlan]
-    set_stage: Callable[[nn.Module, str], list[nn.Parameter]]
-    val_metrics: Callable[[EpochStats], dict[str, Any]]
-    """Extra validation metrics of an epoch (e.g. accuracy), merged into the history row."""
     model_config: Callable[[dict[str, Any]], dict[str, Any]]
     """Builds the checkpoint config.json from the training summary so far."""
     payload: dict[str, Any]
     """JSON provenance saved in the resume state (data, settings) so ``--resume`` can rebuild the run."""
+    set_stage: Callable[[nn.Module, str], list[nn.Parameter]] | None = None
+    """Freezes what a stage does not train and returns the parameters to optimise (None: all of them)."""
     sample_weights: torch.Tensor | None = None
     progress: ProgressFn = no_progress
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run (what ``--json`` prints); the files it lists are in the run folder."""
+
+    task: str  # "pretrain" | "finetune"
+    out_dir: str
+    best_dir: str
+    device: str
+    precision: str
+    epochs_run: int
+    best_epoch: int | None
+    best_val_loss: float | None
+    best_metrics: dict[str, Any]
+    stages: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    train_images: int
+    val_images: int
+    seconds: float
+    files: dict[str, str]
+    class_names: list[str] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+    skipped_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Create OUT, refusing one that already holds a run (it would mix two runs' files)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CxrcaeError(f"{out}: exists and is not a folder")
+    if any((out / name).exists() for name in RUN_MARKERS):
+        raise CxrcaeError(
+            f"{out}: already holds a training run; continue it with --resume {out} or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- 2. one epoch
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    probs: np.ndarray | None = None
+    """Validation only: softmax outputs of a classifier, with ``labels``."""
+    labels: np.ndarray | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, then every module whose parameters are all frozen goes back to eval mode.
+
+    A frozen encoder must behave exactly as at inference (dropout/normalisation layers, if any, must not
+    update or randomise), so "frozen" means both no gradient and eval mode.
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
+
+
+def _scored_batches(
+    model, loader: Iterable, objective, rt: Runtime, limit: int | None, skipped: list, what: str
+):
+    """(step, n, loss tensor, loss value, outputs, labels) for each readable batch, under autocast.
+
+    Unreadable files are appended to ``skipped``; a non-finite loss stops the run naming ``what`` and step.
+    """
+    for step, batch in enumerate(loader, start=1):
+        if limit is not None and step > limit:
+            return
+        skipped += batch.get("skipped", [])
+        if len(batch["image"]) == 0:
+            continue
+        images = rt.images(batch)
+        labels = batch["label"].to(rt.device, non_blocking=True)
+        with autocast(rt.device, rt.dtype):
+            loss, out = objective(model, images, labels)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss became {value} at {what} step {step}")
+        yield step, len(images), loss, value, out, labels
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    objective,
+    optimizer: torch.optim.Optimizer,
+    rt: Runtime,
+    *,
+    where: str,
+    limit_batches: int | None = None,
+    total: int | None = None,
+    progress: ProgressFn = no_progress,
+    task: str = "train",
+) -> EpochStats:
+    """One optimisation pass over ``loader``."""
+    train_mode(model)
+    loss_sum, seen, skipped = 0.0, 0, []
+    start = time.perf_counter()
+    batches = _scored_batches(model, loader, objective, rt, limit_batches, skipped, f"{where}, training")
+    for step, n, loss, value, _, _ in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += value * n
+        seen += n
+        rate = seen / max(time.perf_counter() - start, 1e-9)
+        progress(task, step, total, f"train loss {loss_sum / seen:.4g} · {rate:.1f} img/s")
+    if seen == 0:
+        raise CxrcaeError(f"{where}: no training image could be read")
+    return EpochStats(loss_sum / seen, seen, time.perf_counter() - start, skipped)
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    loader: Iterable,
+    objective,
+    rt: Runtime,
+    *,
+    where: str = "validation",
+    limit_batches: int | None = None,
+    progress: ProgressFn = no_progress,
+    task: str = "validate",
+    offset: int = 0,
+    total: int | None = None,
+) -> EpochStats:
+    """Mean loss in eval mode (and a classifier's probabilities); restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    classify = isinstance(objective, Classification)
+    probs, labels = [], []
+    loss_sum, seen, skipped = 0.0, 0, []
+    start = time.perf_counter()
+    try:
+        batches = _scored_batches(
+            model, loader, objective, rt, limit_batches, skipped, f"{where}, validation"
+        )
+        for step, n, _, value, out, y in batches:
+            loss_sum += value * n
+            seen += n
+            if classify:
+                probs.append(torch.softmax(out.float(), dim=1).cpu().numpy())
+                labels.append(y.cpu().numpy())
+            progress(task, offset + step, total, f"val loss {loss_sum / seen:.4g}")
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise CxrcaeError(f"{where}: no validation image could be read")
+    stats = EpochStats(loss_sum / seen, seen, time.perf_counter() - start, skipped)
+    if classify:
+        stats.probs, stats.labels = np.concatenate(probs), np.concatenate(labels)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------- 3. the loop
 
 
 @dataclass
@@ -87,24 +414,11 @@ class FitOutcome:
         }
 
 
-def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+Resume = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    columns: dict[str, None] = {}
-    for row in history:
-        columns.update(dict.fromkeys(row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
-
-
-def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None):
+def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
     """Train ``run`` through its stages; returns a ``FitOutcome`` with the model holding the best weights."""
-
     cfg, model, out = run.cfg, run.model, run.out_dir
     history: list[dict[str, Any]] = []
     stage_log: list[dict[str, Any]] = []
@@ -121,20 +435,34 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
         history, stage_log, best = state["history"], state["stages_run"], state["best"]
         stage_index, stage_epoch, epoch = state["stage_index"], state["stage_epoch"], state["epoch"]
         stopper = EarlyStopping.from_dict(state["stopper"])
-        load_state_strict(model, weights, f"{out}/last")
-        best_keys = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
-        best_state = best_keys or None
+        run.objective.load_state(state.get("objective") or {})
+        load_state_strict(model, weights, f"{out}/{LAST}")
+        best_state = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")} or None
         if stopper.stopped or stage_epoch >= run.stages[stage_index].epochs:
             stage_index, stopper = stage_index + 1, None  # that stage had finished: start the next one
         else:
             resume_optimizer = optimizer_from_flat(tensors, state["optimizer"])
         restore_rng(tensors, state["rng"])
 
+    # built once; the training order of each epoch comes from reseeding its generator (see epoch_seed)
+    train_loader = make_loader(
+        run.train_set,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        sample_weights=run.sample_weights,
+        pin_memory=run.rt.device.type == "cuda",
+    )
+    val_loader = make_loader(run.val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers)
+    n_train = min(len(train_loader), cfg.limit_batches or len(train_loader))
+    n_val = min(len(val_loader), cfg.limit_batches or len(val_loader))
+
     for si in range(stage_index, len(run.stages)):
         plan = run.stages[si]
         if stopper is None:  # a fresh stage starts from the best weights so far
             if best_state is not None:
-                load_state_strict(model, {k: v for k, v in best_state.items()}, f"{out}/{BEST}")
+                load_state_strict(model, best_state, f"{out}/{BEST}")
             previous = best["val_loss"]
             stopper = EarlyStopping(
                 cfg.patience,
@@ -144,7 +472,7 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
             )
             stage_epoch = 0
             stage_log.append({"name": plan.name, "lr": plan.lr, "epochs": 0, "best_epoch": None})
-        params = run.set_stage(model, plan.name)
+        params = run.set_stage(model, plan.name) if run.set_stage else list(model.parameters())
         optimizer = torch.optim.Adam(params, lr=plan.lr)
         if resume_optimizer is not None:
             optimizer.load_state_dict(resume_optimizer)
@@ -153,31 +481,20 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
         while stage_epoch < plan.epochs and not stopper.stopped:
             epoch += 1
             stage_epoch += 1
-            label = f"{plan.name} {stage_epoch}/{plan.epochs}" if run.kind == "finetune" else ""
-            task = f"epoch {epoch}" + (f" ({label})" if label else f"/{plan.epochs}")
-            where = f"epoch {epoch}" + (f" (stage {plan.name})" if run.kind == "finetune" else "")
-            loader = make_loader(
-                run.train_set,
-                cfg.batch_size,
-                shuffle=True,
-                seed=epoch_seed(cfg.seed, epoch),
-                num_workers=cfg.num_workers,
-                sample_weights=run.sample_weights,
-                pin_memory=run.rt.device.type == "cuda",
+            finetune = run.kind == "finetune"
+            task = f"epoch {epoch}" + (
+                f" ({plan.name} {stage_epoch}/{plan.epochs})" if finetune else f"/{plan.epochs}"
             )
-            val_loader = make_loader(
-                run.val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers
-            )
-            n_train = _n_batches(len(loader), cfg.limit_batches)
-            n_val = _n_batches(len(val_loader), cfg.limit_batches)
+            where = f"epoch {epoch}" + (f" (stage {plan.name})" if finetune else "")
+            train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch))
             run.progress(task, 0, n_train + n_val)
             epoch_start = time.perf_counter()
             try:
                 train = train_one_epoch(
-                    model, loader, run.objective, optimizer, run.rt, where=where,
+                    model, train_loader, run.objective, optimizer, run.rt, where=where,
                     limit_batches=cfg.limit_batches, total=n_train + n_val, progress=run.progress, task=task,
                 )  # fmt: skip
-                val = evaluate(
+                val = validate(
                     model, val_loader, run.objective, run.rt, where=where, limit_batches=cfg.limit_batches,
                     progress=run.progress, task=task, offset=n_train, total=n_train + n_val,
                 )  # fmt: skip
@@ -192,37 +509,37 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
                 "lr": plan.lr,
                 "train_loss": train.loss,
                 "val_loss": val.loss,
-                **run.val_metrics(val),
+                **run.objective.epoch_metrics(val),
                 "train_images": train.images,
                 "seconds": round(time.perf_counter() - epoch_start, 3),
                 "images_per_s": round(train.images_per_s, 2),
                 "best": int(improved),
             }
             history.append(row)
-            metrics = {k: v for k, v in row.items() if k.startswith("val_")}
             run.progress(task, n_train + n_val, n_train + n_val, _epoch_info(row))
             stage_log[-1].update(epochs=stage_epoch, stopped_early=stopper.stopped)
             if improved:
                 best_state = _clone_state(model)
+                metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                 best = {"epoch": epoch, "stage": plan.name, "val_loss": val.loss, "metrics": metrics}
                 stage_log[-1]["best_epoch"] = epoch
-                outcome = FitOutcome(history, best, stage_log, skipped)
-                _save_best(model, out, run.model_config(outcome.summary()))
+                _save_best(
+                    model, out, run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
+                )
             write_history(out / HISTORY_NAME, history)
+            position = {"stage_index": si, "stage_epoch": stage_epoch, "epoch": epoch}
             payload = {
                 **run.payload,
+                **position,
                 "history": history,
                 "stages_run": stage_log,
                 "best": best,
-                "stage_index": si,
-                "stage_epoch": stage_epoch,
-                "epoch": epoch,
                 "stopper": stopper.to_dict(),
+                "objective": run.objective.state(),
             }
-            outcome = FitOutcome(history, best, stage_log, skipped)
             save_resume_state(
-                out, model, run.model_config(outcome.summary()), optimizer, payload,
-                extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
+                out, model, run.model_config(FitOutcome(history, best, stage_log, skipped).summary()),
+                optimizer, payload, extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
             )  # fmt: skip
         stopper = None
 
@@ -234,14 +551,27 @@ def fit(run: Run, resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
     return outcome
 
 
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    columns: dict[str, None] = {}
+    for row in history:
+        columns.update(dict.fromkeys(row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
 def _save_best(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
     """OUT/best: weights + config.json + a README.md model card written from that config."""
-
     save_checkpoint(model, out / BEST, config, card=build_card(config))
-
-
-def _n_batches(available: int, limit: int | None) -> int:
-    return min(available, limit) if limit is not None else available
 
 
 def _epoch_info(row: dict[str, Any]) -> str:

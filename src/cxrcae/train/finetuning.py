@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cxrcae.data import XrayDataset, class_names
 from cxrcae.errors import DataError
@@ -27,8 +28,8 @@ from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
 from cxrcae.models import CAEEncoder, CXRClassifier, build_head
 from cxrcae.models.checkpoint import load_state_strict
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import precision_name, resolve_device, resolve_precision, seed_everything
-from cxrcae.train.config import FinetuneConfig
+from cxrcae.runtime import precision_name, reproducible, resolve_device, resolve_precision
+from cxrcae.train.config import ENCODER_BLOCKS, FinetuneConfig, expand_stages
 from cxrcae.train.data import (
     TrainData,
     augmentation,
@@ -36,11 +37,19 @@ from cxrcae.train.data import (
     finetune_data,
     source_balanced_weights,
 )
-from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
-from cxrcae.train.loop import Classification, Runtime, classification_metrics
+from cxrcae.train.engine import (
+    BEST,
+    HISTORY_NAME,
+    Classification,
+    Resume,
+    Run,
+    Runtime,
+    StagePlan,
+    TrainResult,
+    check_out_dir,
+    fit,
+)
 from cxrcae.train.plots import loss_curves
-from cxrcae.train.result import TrainResult, check_out_dir
-from cxrcae.train.unfreeze import apply_stage, expand_stages
 
 KIND = "finetune"
 
@@ -55,9 +64,9 @@ def finetune(
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     out = check_out_dir(out_dir)
-    seed_everything(cfg.seed)
-    tdata = finetune_data(data, out, progress)
-    return run_finetune(tdata, out, cfg, progress)
+    with reproducible(cfg.seed):
+        tdata = finetune_data(data, out, cfg.seed, progress)
+        return run_finetune(tdata, out, cfg, progress)
 
 
 def load_encoder_init(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +90,7 @@ def run_finetune(
     out: Path,
     cfg: FinetuneConfig,
     progress: ProgressFn = no_progress,
-    resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    resume: Resume | None = None,
     encoder_provenance: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Build classifier, datasets and stages for ``tdata`` and run (or continue) the epoch loop."""
@@ -135,10 +144,6 @@ def run_finetune(
         for name in expand_stages(cfg.stages)
     ]
 
-    def val_metrics(stats) -> dict[str, Any]:
-        m = classification_metrics(stats.confusion, names)
-        return {f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         best = summary.get("best_metrics", {})
         return {
@@ -166,7 +171,7 @@ def run_finetune(
     run = Run(
         kind=KIND,
         model=model,
-        objective=Classification(len(names), weight),
+        objective=Classification(names, weight),
         rt=rt,
         cfg=cfg,
         out_dir=out,
@@ -174,7 +179,6 @@ def run_finetune(
         val_set=val_set,
         stages=stages,
         set_stage=apply_stage,
-        val_metrics=val_metrics,
         model_config=model_config,
         payload={
             "kind": KIND,
@@ -218,3 +222,27 @@ def run_finetune(
         notes=notes,
         resumed=resume is not None,
     )
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def trainable_blocks(stage: str) -> tuple[str, ...]:
+    """Encoder blocks a stage trains (the head always trains)."""
+    if stage == "head":
+        return ()
+    if stage == "all":
+        return ENCODER_BLOCKS
+    return ENCODER_BLOCKS[ENCODER_BLOCKS.index(stage) :]
+
+
+def apply_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for ``stage`` on a ``CXRClassifier``; returns the parameters to optimise."""
+    blocks = set(trainable_blocks(stage))
+    for name, param in model.named_parameters():
+        if name.startswith("encoder."):
+            block = name.split(".")[2]  # encoder.stages.convN.weight
+            param.requires_grad_(block in blocks)
+        else:
+            param.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Training figures (matplotlib, Agg backend, written atomically): loss curves and reconstructions."""
+"""Training figures (matplotlib's ``Figure`` API: no pyplot, no backend switch; written atomically)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from cxrcae._atomic import atomic_write_bytes
-
-
-def _figure():
-
-    matplotlib.use("Agg", force=False)
-
-    return plt
 
 
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _figure().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -32,10 +23,11 @@ def _save(fig, path: Path) -> Path:
 def loss_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Train/val loss per epoch (log scale when it spans decades), stage boundaries dashed, best epoch
     marked; validation accuracy in a second panel when the history has it."""
-    plt = _figure()
+
     epochs = [r["epoch"] for r in history]
     has_acc = any("val_accuracy" in r for r in history)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6.5, 4), squeeze=False)
+    fig = Figure(figsize=(11 if has_acc else 6.5, 4))
+    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)
     ax = axes[0][0]
     ax.plot(epochs, [r["train_loss"] for r in history], "o-", ms=3, label="train")
     ax.plot(epochs, [r["val_loss"] for r in history], "o-", ms=3, label="validation")
@@ -72,9 +64,10 @@ def loss_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
 
 def reconstruction_grid(inputs: np.ndarray, outputs: np.ndarray, path: Path, title: str = "") -> Path:
     """Rows: input, reconstruction, |difference|; one column per image. Arrays are (N, H, W) in [0, 1]."""
-    plt = _figure()
+
     n = len(inputs)
-    fig, axes = plt.subplots(3, n, figsize=(1.8 * n, 5.6), squeeze=False)
+    fig = Figure(figsize=(1.8 * n, 5.6))
+    axes = fig.subplots(3, n, squeeze=False)
     for j in range(n):
         diff = np.abs(inputs[j] - outputs[j])
         for i, (img, vmax) in enumerate(((inputs[j], 1.0), (np.clip(outputs[j], 0, 1), 1.0), (diff, 0.5))):

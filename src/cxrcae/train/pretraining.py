@@ -21,13 +21,22 @@ from cxrcae.data import XrayDataset
 from cxrcae.errors import ImageLoadError
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
+from cxrcae.runtime import autocast, precision_name, reproducible, resolve_device, resolve_precision
 from cxrcae.train.config import PretrainConfig
-from cxrcae.train.data import TrainData, augmentation, make_loader, pretrain_data
-from cxrcae.train.engine import BEST, HISTORY_NAME, Run, StagePlan, fit
-from cxrcae.train.loop import Reconstruction, Runtime
+from cxrcae.train.data import TrainData, augmentation, pretrain_data
+from cxrcae.train.engine import (
+    BEST,
+    HISTORY_NAME,
+    Reconstruction,
+    Resume,
+    Run,
+    Runtime,
+    StagePlan,
+    TrainResult,
+    check_out_dir,
+    fit,
+)
 from cxrcae.train.plots import loss_curves, reconstruction_grid
-from cxrcae.train.result import TrainResult, check_out_dir
 
 KIND = "pretrain"
 
@@ -42,30 +51,9 @@ def pretrain(
     cfg = cfg or PretrainConfig()
     cfg.validate()
     out = check_out_dir(out_dir)
-    seed_everything(cfg.seed)
-    tdata = pretrain_data(data, out, cfg.val_fraction, cfg.seed, progress)
-    return run_pretrain(tdata, out, cfg, progress)
-
-
-def mean_image_baseline(train_loader, val_loader, limit: int | None) -> dict[str, float]:
-    """Validation MSE of always predicting the mean training image: the bar a useful CAE must clear."""
-    total, count = None, 0
-    for step, batch in enumerate(train_loader, start=1):
-        if limit is not None and step > limit:
-            break
-        if len(batch["image"]):
-            s = batch["image"].double().sum(0)
-            total = s if total is None else total + s
-            count += len(batch["image"])
-    mean = (total / count).float()
-    sq, seen = 0.0, 0
-    for step, batch in enumerate(val_loader, start=1):
-        if limit is not None and step > limit:
-            break
-        if len(batch["image"]):
-            sq += ((batch["image"] - mean) ** 2).mean(dim=(1, 2, 3)).double().sum().item()
-            seen += len(batch["image"])
-    return {"val_mse_mean_image": sq / max(seen, 1), "train_images": count, "val_images": seen}
+    with reproducible(cfg.seed):
+        tdata = pretrain_data(data, out, cfg.val_fraction, cfg.seed, progress)
+        return run_pretrain(tdata, out, cfg, progress)
 
 
 def run_pretrain(
@@ -73,7 +61,7 @@ def run_pretrain(
     out: Path,
     cfg: PretrainConfig,
     progress: ProgressFn = no_progress,
-    resume: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    resume: Resume | None = None,
 ) -> TrainResult:
     """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
 
@@ -86,12 +74,7 @@ def run_pretrain(
         tdata.train, cfg.image_size, cfg.resize_mode, [], transform=augmentation() if cfg.augment else None
     )
     val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [])
-    plain_train = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, [])
-    baseline = mean_image_baseline(
-        make_loader(plain_train, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers),
-        make_loader(val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers),
-        cfg.limit_batches,
-    )
+    objective = Reconstruction()  # also measures the mean-image baseline during the first validation
     data_summary = tdata.summary()
     used = {"device": str(device), "precision": precision_name(dtype)}
 
@@ -114,21 +97,19 @@ def run_pretrain(
             "dataset": data_summary,
             "encoder_init": None,
             "metrics": {"val": {"mse": summary["best_val_loss"]}},
-            "baseline": baseline,
+            "baseline": objective.baseline,
         }
 
     run = Run(
         kind=KIND,
         model=model,
-        objective=Reconstruction(),
+        objective=objective,
         rt=rt,
         cfg=cfg,
         out_dir=out,
         train_set=train_set,
         val_set=val_set,
         stages=[StagePlan("all", cfg.lr, cfg.epochs)],
-        set_stage=lambda m, name: list(m.parameters()),
-        val_metrics=lambda stats: {},
         model_config=model_config,
         payload={"kind": KIND, "config": cfg.to_dict(), "data": data_summary},
         progress=progress,
@@ -142,7 +123,8 @@ def run_pretrain(
         files["splits"] = str(out / "splits.csv")
     notes = []
     best_loss = outcome.best["val_loss"]
-    if best_loss is not None and best_loss >= baseline["val_mse_mean_image"]:
+    baseline = objective.baseline
+    if best_loss is not None and baseline and best_loss >= baseline["val_mse_mean_image"]:
         notes.append(
             "validation MSE is not below the mean-image baseline: the autoencoder has not learned yet "
             "(train longer or check the learning rate)"

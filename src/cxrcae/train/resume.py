@@ -6,11 +6,12 @@ from pathlib import Path
 
 from cxrcae.errors import CheckpointError
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.runtime import reproducible
 from cxrcae.train.config import FinetuneConfig, PretrainConfig
 from cxrcae.train.data import resumed_data
+from cxrcae.train.engine import TrainResult
 from cxrcae.train.finetuning import run_finetune
 from cxrcae.train.pretraining import run_pretrain
-from cxrcae.train.result import TrainResult
 from cxrcae.train.state import load_resume_state
 
 
@@ -43,8 +44,11 @@ def resume_run(
     cfg.validate()
     tdata = resumed_data(state["data"], out, labeled=kind == "finetune")
     resume = (state, tensors, weights)
-    if kind == "pretrain":
-        return run_pretrain(tdata, out, cfg, progress, resume)
-    if kind == "finetune":
-        return run_finetune(tdata, out, cfg, progress, resume, encoder_provenance=state.get("encoder_init"))
+    with reproducible(cfg.seed):  # the saved RNG states are restored on top of this, inside ``fit``
+        if kind == "pretrain":
+            return run_pretrain(tdata, out, cfg, progress, resume)
+        if kind == "finetune":
+            return run_finetune(
+                tdata, out, cfg, progress, resume, encoder_provenance=state.get("encoder_init")
+            )
     raise CheckpointError(f"{out}: unknown run kind {kind!r} in the resume state")

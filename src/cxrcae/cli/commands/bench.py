@@ -49,7 +49,7 @@ def bench_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Images/s of the training steps and of prediction; ratios are taken side by side in this one run."""
-    from cxrcae.bench import TRAIN_TASKS, bench_predict, bench_train_step, keras_reference
+    from cxrcae.bench import TRAIN_TASKS, run_bench
     from cxrcae.cli.common import progress_bar
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -63,71 +63,25 @@ def bench_command(
     if (keras_python is None) != (keras_script is None):
         raise typer.BadParameter("give both --keras-python and --keras-script", param_hint="--keras-python")
 
-    rows: list[dict[str, Any]] = []
     with progress_bar(quiet or json_out) as progress:
-        for task in task_list:
-            ours = bench_train_step(
-                image_size, batch_size, steps, warmup, pairs, device, task=task, progress=progress
-            )
-            rows += [{"impl": "cxrcae", **r} for r in ours]
-            if keras_python is not None:
-                args = ["--size", str(image_size), "--batch", str(batch_size), "--steps", str(steps)]
-                peer_task = "pretrain" if task == "pretrain" else "finetune"
-                if task == "finetune-frozen":
-                    args.append("--frozen")
-                progress(f"{task} keras", 0, 1)
-                peer = keras_reference(keras_python, keras_script, peer_task, *args)
-                progress(f"{task} keras", 1, 1)
-                rows.append(
-                    {
-                        "impl": "keras",
-                        "task": task,
-                        "precision": "fp32",
-                        "images_per_s": peer["images_per_s"],
-                        "image_size": image_size,
-                        "batch_size": batch_size,
-                        "tf": peer.get("tf"),
-                    }
-                )
-        if predict:
-            ours = bench_predict(
-                predict, None, image_size, predict_batch_size, device=device, progress=progress
-            )
-            rows += [{"impl": "cxrcae", **r} for r in ours]
-            if keras_python is not None:
-                for folder in predict:
-                    peer = keras_reference(
-                        keras_python,
-                        keras_script,
-                        "predict",
-                        str(folder),
-                        "--size",
-                        str(image_size),
-                        "--batch",
-                        str(predict_batch_size),
-                    )
-                    rows.append(
-                        {
-                            "impl": "keras",
-                            "task": "predict",
-                            "images_per_s": peer["images_per_s"],
-                            "images": peer.get("images"),
-                            "image_size": image_size,
-                        }
-                    )
-    _add_ratios(rows)
+        report = run_bench(
+            task_list,
+            image_size,
+            batch_size,
+            steps,
+            warmup,
+            pairs,
+            predict=predict,
+            predict_batch_size=predict_batch_size,
+            device=device,
+            keras_python=keras_python,
+            keras_script=keras_script,
+            progress=progress,
+        )
     if json_out:
-        print_json(rows)
+        print_json(report.rows)
     elif not quiet:
-        _render(rows)
-
-
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each cxrcae row's speed relative to the Keras row of the same task, when there is one."""
-    peers = {r["task"]: r["images_per_s"] for r in rows if r["impl"] == "keras"}
-    for r in rows:
-        if r["impl"] == "cxrcae" and r["task"] in peers and r.get("images_per_s"):
-            r["vs_keras"] = r["images_per_s"] / peers[r["task"]]
+        _render(report.rows)
 
 
 def _render(rows: list[dict[str, Any]]) -> None:
