@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import numpy as np
+import pytest
 import yaml
 
 from cxrcae.eval.metrics import full_report
@@ -72,6 +74,73 @@ def test_unknown_sections_are_left_out_and_encoder_card():
         assert section not in card
     assert "3,947,712" in card and "512 x 1 x 1" in card and "license" not in _front_matter(card)
     assert "cxrcae.load_encoder(" in card and "## Citation" in card
+
+
+def test_front_matter_round_trips_through_huggingface_hub():
+    metrics = _evaluate_metrics()
+    metrics["data"] = "/data/cxr/test_split.csv"
+    card = build_card({**CLASSIFIER, "license": "cc-by-nc-4.0"}, metrics, repo_id="me/cxr")
+    parsed = huggingface_hub.ModelCard(card)
+    assert str(parsed) == card  # what the Hub re-renders is what was written
+    data = parsed.data
+    assert data.library_name == "cxrcae" and data.license == "cc-by-nc-4.0"
+    assert data.pipeline_tag == "image-classification"
+    assert data.tags == [
+        "cxrcae",
+        "chest-x-ray",
+        "medical-imaging",
+        "autoencoder",
+        "covid-19",
+        "pytorch",
+        "safetensors",
+    ]
+    assert data.model_name == "cxr"
+    results = {(r.metric_config, r.metric_type): r for r in data.eval_results}
+    first = data.eval_results[0]
+    assert (first.metric_type, first.metric_config) == ("accuracy", None)
+    assert first.metric_value == metrics["accuracy"]  # the metrics.json value, exactly
+    assert results[("macro", "f1")].metric_value == metrics["macro"]["f1"]
+    assert results[("macro", "auc")].metric_value == metrics["macro"]["auc"]
+    assert results[(None, "ece")].metric_value == metrics["calibration"]["ece"]
+    for r in data.eval_results:
+        assert r.task_type == "image-classification" and r.dataset_type == "cxr"
+        assert r.dataset_name == "test_split.csv" and r.dataset_split == "test"
+    # headline numbers only: overall and macro, never per-class or weighted rows
+    assert {c for c, _ in results} == {None, "macro"}
+    assert len(data.eval_results) == len(results) == 2 + len(metrics["macro"]) - 1
+    # the hand-written body is untouched by the round trip
+    assert parsed.text.startswith("\n# cxrcae classifier\n") and parsed.text.endswith("}\n```\n")
+
+
+def test_generic_metrics_and_hub_dataset_become_eval_results():
+    metrics = {
+        "split": "test",
+        "n": 120,
+        "metrics": {"macro": {"accuracy": {"value": 0.9123, "ci_low": 0.87}}},
+    }
+    config = {**CLASSIFIER, "hub_datasets": ["someone/covid-cxr"]}
+    data = huggingface_hub.ModelCard(build_card(config, metrics)).data
+    assert data.datasets == ["someone/covid-cxr"] and data.metrics == ["accuracy"]
+    assert data.model_name == "cxrcae-classifier"
+    (result,) = data.eval_results
+    assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("someone/covid-cxr",) * 2 + (
+        "test",
+    )
+    assert (result.metric_type, result.metric_config, result.metric_value) == ("accuracy", "macro", 0.9123)
+    # a value that is not a finite number is never published as a result
+    nan = {"metrics": {"accuracy": 0.8, "auc": float("nan")}}
+    assert [
+        r.metric_type for r in huggingface_hub.ModelCard(build_card(CLASSIFIER, nan)).data.eval_results
+    ] == ["accuracy"]
+
+
+@pytest.mark.parametrize("metrics", [None, {}, {"split": "test", "n": 10}])
+def test_card_without_metrics_has_no_eval_results(metrics):
+    card = build_card(CLASSIFIER, metrics, repo_id="me/cxr")
+    data = huggingface_hub.ModelCard(card).data
+    assert data.eval_results is None and data.model_name is None and data.metrics is None
+    assert data.library_name == "cxrcae" and data.pipeline_tag == "image-classification"
+    assert "model-index" not in _front_matter(card) and "## Evaluation" not in card
 
 
 def test_generic_metrics_layout_is_read():

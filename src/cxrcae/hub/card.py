@@ -1,15 +1,19 @@
 """Model cards (README.md) written from a checkpoint's config.json and, when evaluated, its metrics.json.
 
 Every number on the card is read from those files; a section whose facts are unknown is left out rather
-than filled with a placeholder. The front matter follows the Hub's model-card metadata so the repo is
-searchable (library, tags, pipeline tag, metrics).
+than filled with a placeholder. The front matter is huggingface_hub's own ``ModelCardData`` (library, tags,
+pipeline tag, metrics, and the overall / macro test metrics as ``EvalResult`` entries in ``model-index``),
+rendered through ``ModelCard`` so the Hub parses back exactly what was written.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from collections.abc import Iterator
 from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cxrcae.models.heads import HEADS
 
@@ -51,49 +55,97 @@ def build_card(
     kind = str(config.get("kind", "encoder"))
     rows = list(metric_rows(metrics)) if metrics else []
     parts = [
-        _front_matter(config, kind, rows),
         _title(config, kind),
         _model_section(config, kind),
         _input_section(config, kind),
         _data_section(config),
         _training_section(config),
-        _evaluation_section(metrics, rows) if rows else "",
+        _evaluation_section(metrics, rows) if metrics and rows else "",
         _usage_section(kind, repo_id),
         _intended_use(kind),
         _limitations(config),
         _provenance(config),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```\n",
     ]
-    return "\n".join(p for p in parts if p)
+    body = "\n".join(p for p in parts if p)
+    data = _card_data(config, kind, metrics or {}, rows, repo_id)
+    # rendered by huggingface_hub itself, so the front matter is exactly what the Hub parses back
+    yaml_block = data.to_yaml(original_order=list(_FRONT_MATTER_ORDER))
+    return str(ModelCard("---\n" + yaml_block + "\n---\n\n" + body))
 
 
 # ----------------------------------------------------------------------------------------------- front matter
 
+_TAGS = ("cxrcae", "chest-x-ray", "medical-imaging", "autoencoder", "covid-19", "pytorch", "safetensors")
+_FRONT_MATTER_ORDER = ("library_name", "license", "tags", "datasets", "pipeline_tag", "metrics")
+_HEADLINE_SCOPES = ("", "macro")  # overall and macro-averaged rows; per-class rows stay in the body only
 
-def _front_matter(config: dict[str, Any], kind: str, rows: list[dict[str, Any]]) -> str:
-    tags = ["cxrcae", "chest-x-ray", "medical-imaging", "autoencoder", "covid-19", "pytorch", "safetensors"]
-    lines = ["---", "library_name: cxrcae"]
-    if config.get("license"):
-        lines.append(f"license: {_yaml_str(config['license'])}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in tags]
-    datasets = config.get("hub_datasets") or (config.get("data") or {}).get("hub_datasets")
-    if isinstance(datasets, list) and datasets:
-        lines.append("datasets:")
-        lines += [f"- {_yaml_str(d)}" for d in datasets]
-    lines.append(
-        f"pipeline_tag: {'image-classification' if kind == 'classifier' else 'image-feature-extraction'}"
+
+def _card_data(
+    config: dict[str, Any],
+    kind: str,
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    repo_id: str | None,
+) -> ModelCardData:
+    """The Hub metadata: library, license, tags, datasets, pipeline tag, metrics and headline eval results."""
+    datasets = _hub_datasets(config)
+    task = "image-classification" if kind == "classifier" else "image-feature-extraction"
+    results = _eval_results(config, task, metrics, rows)
+    return ModelCardData(
+        library_name="cxrcae",
+        license=str(config["license"]) if config.get("license") else None,
+        tags=list(_TAGS),
+        datasets=datasets or None,
+        pipeline_tag=task,
+        metrics=sorted({r["metric"] for r in rows}) or None,
+        model_name=(repo_id.rsplit("/", 1)[-1] if repo_id else f"cxrcae-{kind}") if results else None,
+        eval_results=results or None,
     )
-    names = sorted({r["metric"] for r in rows})
-    if names:
-        lines.append("metrics:")
-        lines += [f"- {_yaml_str(n)}" for n in names]
-    lines.append("---\n")
-    return "\n".join(lines)
 
 
-def _yaml_str(value: Any) -> str:
-    return json.dumps(str(value))  # a JSON string is a valid YAML scalar, whatever it contains
+def _hub_datasets(config: dict[str, Any]) -> list[str]:
+    datasets = config.get("hub_datasets") or (config.get("data") or {}).get("hub_datasets")
+    return [str(d) for d in datasets] if isinstance(datasets, list) else []
+
+
+def _eval_results(
+    config: dict[str, Any], task: str, metrics: dict[str, Any], rows: list[dict[str, Any]]
+) -> list[EvalResult]:
+    """One EvalResult per overall / macro metric with a finite value (the card's headline numbers).
+
+    The dataset is the first Hub dataset id of the config when there is one (else "cxr"), named after the
+    evaluated data path of metrics.json; the split is metrics.json's.
+    """
+    hub = _hub_datasets(config)
+    data = next((metrics[k] for k in ("data", "dataset") if isinstance(metrics.get(k), str)), "")
+    name = _path_name(data)
+    split = metrics.get("split")
+    results: list[EvalResult] = []
+    seen: set[tuple[str, str]] = set()
+    for r in rows:
+        scope = r["scope"]
+        if scope not in _HEADLINE_SCOPES or not math.isfinite(r["value"]) or (scope, r["metric"]) in seen:
+            continue
+        seen.add((scope, r["metric"]))
+        results.append(
+            EvalResult(
+                task_type=task,
+                dataset_type=hub[0] if hub else "cxr",
+                dataset_name=name or (hub[0] if hub else "cxr"),
+                dataset_split=str(split) if isinstance(split, str) and split else None,
+                metric_type=r["metric"],
+                metric_name=f"{scope} {r['metric']}" if scope else r["metric"],
+                metric_config=scope or None,
+                metric_value=r["value"],
+            )
+        )
+    return results
+
+
+def _path_name(path: str) -> str:
+    """Last component of a local path or URL, with either separator ('' for an empty path)."""
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1]
 
 
 # ----------------------------------------------------------------------------------------------- body
