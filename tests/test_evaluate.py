@@ -59,6 +59,7 @@ def test_evaluate_writes_everything(model_dir, splits_csv, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == result.metrics
     assert metrics["n"] == 8 and metrics["split"] == "test"
+    assert metrics["precision"] == "fp32" and metrics["device"] == "cpu"  # same numbers on every machine
     assert sum(metrics["per_class"][c]["support"] for c in NAMES) == 8
     assert set(metrics["per_source"]) == {"site-a", "site-b"}
     assert metrics["ci"]["unit"] == "patient" and metrics["ci"]["n_units"] == 4

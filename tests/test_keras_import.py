@@ -177,6 +177,10 @@ def test_cae_conversion_matches_numpy_reference(tmp_path):
     cae_file(tmp_path / "cae.h5", convs, deconvs)
     result = import_keras(tmp_path / "cae.h5", tmp_path / "cae")
     assert result.kind == "autoencoder" and result.config["image_size"] == 32
+    assert result.config["resize_mode"] == "pad"  # the authors pretrained the CAE on letterboxed images
+    with pytest.raises(CheckpointError, match="unknown resize mode"):
+        import_keras(tmp_path / "cae.h5", tmp_path / "bad", resize_mode="crop")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
     model, config = load_checkpoint(result.out)
     assert config["source"]["format"] == "keras-h5" and config["source"]["keras_version"] == "2.4.0"
 
@@ -216,6 +220,9 @@ def test_classifier_conversion_matches_numpy_reference(tmp_path):
         tmp_path / "covid_classification.h5", tmp_path / "cls", class_names=["COVID", "NORMAL", "PNEUMONIA"]
     )
     assert (result.kind, result.head, result.config["image_size"]) == ("classifier", "lstm", 64)
+    assert result.config["resize_mode"] == "stretch"  # the authors' fine-tuning stretched
+    with pytest.raises(CheckpointError, match="distinct"):
+        import_keras(tmp_path / "covid_classification.h5", tmp_path / "x", class_names=["A", "A", "B"])
     model, config = load_checkpoint(result.out)
     assert config["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
 
@@ -336,6 +343,9 @@ def test_real_keras_classifier_file_matches_keras_outputs(tmp_path, flavour, ker
     names = ["COVID", "NORMAL", "PNEUMONIA"]
     result = import_keras(path, tmp_path / "cls", class_names=names)
     assert (result.kind, result.head, result.config["image_size"]) == ("classifier", "lstm", 64)
+    assert result.config["resize_mode"] == "stretch"  # the authors' fine-tuning stretched
+    with pytest.raises(CheckpointError, match="distinct"):
+        import_keras(tmp_path / "covid_classification.h5", tmp_path / "x", class_names=["A", "A", "B"])
     model, config = load_checkpoint(result.out)
     assert config["class_names"] == names
     check_source(config, path, flavour, keras_reference["versions"])

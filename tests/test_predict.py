@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrcae.infer.prediction import EXIT_SOME_FAILED, UNCERTAIN, collect_inputs, predict
+from cxrcae.errors import EXIT_SOME_FAILED
+from cxrcae.infer.prediction import UNCERTAIN, collect_inputs, predict
 from cxrcae.infer.writers import PredictionWriter, read_predictions
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint

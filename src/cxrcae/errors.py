@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+EXIT_SOME_FAILED = 3
+"""Exit code of batch commands (predict, embed, reconstruct) when some files could not be read: the others
+still have their rows, and each unreadable file has an error row with its reason."""
+
 
 class CxrcaeError(Exception):
     """A failure the user can act on (bad file, bad option, missing data); never a bug."""

@@ -39,6 +39,14 @@ PrecisionOpt = Annotated[
         help="auto (bf16 where faster: CUDA GPUs, CPUs with AMX; else fp32), fp32, bf16, fp16 (GPU only).",
     ),
 ]
+EvalPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="fp32 (the default, so a model scores the same on every machine), bf16, fp16 (GPU) or auto; "
+        "recorded in metrics.json.",
+    ),
+]
 InferenceBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 DecodeWorkersOpt = Annotated[
     int | None,

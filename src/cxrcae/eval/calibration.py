@@ -155,7 +155,7 @@ def calibrate(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
     """Fit a temperature on the val split of a splits CSV and store it in ``model_dir``'s config.json."""

@@ -37,7 +37,7 @@ from cxrcae.eval.report import fmt_ci, write_html
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import resolve_device, resolve_precision
+from cxrcae.runtime import precision_name, resolve_device, resolve_precision
 
 
 @dataclass
@@ -126,7 +126,7 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     n_bootstrap: int = 1000,
     seed: int = 0,
     n_bins: int = 15,
@@ -207,6 +207,8 @@ def evaluate(
             "n_errors": len(errors),
             "data_fingerprint": dataset_fingerprint(chosen),
             "image_size": int(config["image_size"]),
+            "device": str(dev),
+            "precision": precision_name(dtype),
             "resize_mode": config.get("resize_mode", "stretch"),
             "notes": notes,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cxrcae import bundled
 from cxrcae.eval.calibration import model_temperature
 from cxrcae.eval.explain import GradCAM, save_overlay
+from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
 from cxrcae.io import find_images
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
-EXIT_SOME_FAILED = 3
-"""Exit code of ``cxrcae predict`` when at least one file could not be read (the others still have rows)."""
 UNCERTAIN = "uncertain"
 _NOT_FOUND = ("no such file or directory", "no match")
 
@@ -67,6 +67,14 @@ def resolve_model_ref(model: Any) -> Any:
         "model",
         "pass --model MODEL_DIR (a fine-tuned checkpoint folder) or --model user/repo (a Hub id)",
     )
+
+
+def model_folder(model: Any) -> Any:
+    """The checkpoint folder ``model`` names (Hub ids downloaded, the bundled default filled in), resolved
+    once so that a caller can read its config and hand the same folder to ``iter_predictions``; an
+    in-memory model is returned as is."""
+    ref = resolve_model_ref(model)
+    return ref if isinstance(ref, nn.Module) else resolve_checkpoint(ref)
 
 
 def collect_inputs(inputs: Iterable[str | Path], recursive: bool = True) -> list[tuple[str, str, str]]:

@@ -31,6 +31,7 @@ import torch
 
 from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CheckpointError
+from cxrcae.io.resize import RESIZE_MODES
 from cxrcae.hub.card import build_card
 from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.models.cae import DECODER_CHANNELS, ENCODER_CHANNELS, REDUCTION
@@ -40,6 +41,9 @@ from cxrcae.models.heads import HEADS, build_head
 
 N_ENCODER = len(ENCODER_CHANNELS)
 N_DECODER = len(DECODER_CHANNELS) + 1
+
+# How the authors prepared images for each kind of model: pad for CAE pretraining, stretch for the classifier.
+AUTHORS_RESIZE_MODE = {"autoencoder": "pad", "encoder": "pad", "classifier": "stretch"}
 
 
 @dataclass
@@ -277,9 +281,17 @@ def import_keras(
     *,
     class_names: list[str] | None = None,
     image_size: int | None = None,
-    resize_mode: str = "stretch",
+    resize_mode: str | None = None,
 ) -> ImportResult:
-    """Convert ``path`` into a strict cxrcae checkpoint folder (+ model card) at ``out_dir``."""
+    """Convert ``path`` into a strict cxrcae checkpoint folder (+ model card) at ``out_dir``.
+
+    ``resize_mode`` defaults to what the authors did for that kind of model: ``pad`` (letterbox) for the
+    autoencoder and its encoder, which they pretrained on padded images, ``stretch`` for the classifier.
+    """
+    if resize_mode is not None and resize_mode not in RESIZE_MODES:
+        raise CheckpointError(f"unknown resize mode {resize_mode!r}; choose {' or '.join(RESIZE_MODES)}")
+    if class_names is not None and (len(set(class_names)) != len(class_names) or not all(class_names)):
+        raise CheckpointError(f"class names must be distinct and non-empty, got {class_names}")
 
     path = Path(path)
     if not path.is_file():
@@ -290,7 +302,7 @@ def import_keras(
         "kind": kind,
         "image_size": int(fields["image_size"]),
         "in_chans": 3,
-        "resize_mode": resize_mode,
+        "resize_mode": resize_mode or AUTHORS_RESIZE_MODE[kind],
     }
     if kind == "classifier":
         n = int(fields["n_classes"])

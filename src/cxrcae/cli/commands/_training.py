@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cxrcae.cli.common import console, err_console, make_table, print_json
+from cxrcae.cli.common import console, err_console, make_table, print_json, workers_or_default
 
 PANEL = "Training"
 RUNTIME = "Runtime"
@@ -55,6 +56,29 @@ ResumeOpt = Annotated[
         "(only --device and --num-workers may change).",
     ),
 ]
+
+
+# command options whose config field has another name
+_RENAMED = {"bootstrap": "n_bootstrap"}
+
+
+def config_from_options(cls: type, options: dict[str, Any]) -> Any:
+    """The core's config dataclass filled from a command's options, matched by name.
+
+    One mapping for ``pretrain``, ``finetune`` and ``reproduce``: options that are not fields (DATA, --out,
+    --json, ...) are left out, ``--num-workers`` gets its default, ``--stages`` a tuple and
+    ``--encoder none`` becomes no encoder.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {_RENAMED.get(k, k): v for k, v in options.items()}
+    values = {k: v for k, v in values.items() if k in fields}
+    if "num_workers" in values:
+        values["num_workers"] = workers_or_default(values["num_workers"])
+    if isinstance(values.get("stages"), str):
+        values["stages"] = tuple(s.strip() for s in values["stages"].split(",") if s.strip())
+    if isinstance(values.get("encoder"), str) and values["encoder"].strip().lower() == "none":
+        values["encoder"] = None
+    return cls(**values)
 
 
 def require_data_and_out(data: Path | None, out: Path | None, resume: Path | None) -> None:

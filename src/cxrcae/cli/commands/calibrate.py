@@ -11,9 +11,9 @@ from cxrcae.cli.app import app
 from cxrcae.cli.common import (
     DecodeWorkersOpt,
     DeviceOpt,
+    EvalPrecisionOpt,
     InferenceBatchOpt,
     JsonOpt,
-    PrecisionOpt,
     QuietOpt,
     console,
     make_table,
@@ -31,7 +31,7 @@ def calibrate_command(
     batch_size: InferenceBatchOpt = 32,
     num_workers: DecodeWorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: EvalPrecisionOpt = "fp32",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

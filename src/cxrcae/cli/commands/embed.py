@@ -20,8 +20,8 @@ from cxrcae.cli.common import (
     print_json,
     workers_or_default,
 )
+from cxrcae.errors import EXIT_SOME_FAILED
 
-EXIT_SOME_FAILED = 3  # the same code predict uses when some files could not be read
 _LISTED = 5
 
 

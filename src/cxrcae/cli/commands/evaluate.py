@@ -11,9 +11,9 @@ from cxrcae.cli.app import app
 from cxrcae.cli.common import (
     DecodeWorkersOpt,
     DeviceOpt,
+    EvalPrecisionOpt,
     InferenceBatchOpt,
     JsonOpt,
-    PrecisionOpt,
     QuietOpt,
     SeedOpt,
     console,
@@ -56,7 +56,7 @@ def evaluate_command(
     num_workers: DecodeWorkersOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: EvalPrecisionOpt = "fp32",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

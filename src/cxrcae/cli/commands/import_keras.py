@@ -28,8 +28,13 @@ def import_keras_command(
         ),
     ] = None,
     resize_mode: Annotated[
-        str, typer.Option("--resize-mode", help="stretch (what the authors did) or pad.")
-    ] = "stretch",
+        str | None,
+        typer.Option(
+            "--resize-mode",
+            help="stretch or pad.",
+            show_default="as the authors did: pad for the CAE/encoder, stretch for the classifier",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert a Keras .h5 (the paper's CAE, encoder or CAE+LSTM classifier) into a cxrcae checkpoint.
@@ -37,11 +42,8 @@ def import_keras_command(
     Weights are read with h5py and re-laid out for PyTorch (conv HWIO->OIHW, transposed conv, LSTM gates,
     Dense); the result loads strictly like any cxrcae checkpoint and gets a model card.
     """
-    from cxrcae.errors import CxrcaeError
     from cxrcae.models.keras import import_keras
 
-    if resize_mode not in ("stretch", "pad"):
-        raise CxrcaeError(f"unknown resize mode {resize_mode!r}; choose stretch or pad")
     names = [n.strip() for n in class_names.split(",") if n.strip()] if class_names else None
     result = import_keras(file, out, class_names=names, image_size=image_size, resize_mode=resize_mode)
     cfg = result.config

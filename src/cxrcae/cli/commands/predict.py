@@ -22,10 +22,7 @@ from cxrcae.cli.common import (
     print_json,
     workers_or_default,
 )
-
-EXIT_SOME_FAILED = (
-    3  # keep in sync with cxrcae.infer.prediction.EXIT_SOME_FAILED (not imported: torch-free module)
-)
+from cxrcae.errors import EXIT_SOME_FAILED
 
 
 @app.command("predict")
@@ -77,8 +74,9 @@ def predict_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError
-    from cxrcae.infer.prediction import iter_predictions
+    from cxrcae.infer.prediction import iter_predictions, model_folder
     from cxrcae.infer.writers import PredictionWriter, output_format
+    from cxrcae.models.checkpoint import read_config
 
     if output is not None:
         output_format(output)  # fail before any work on a bad extension
@@ -87,11 +85,13 @@ def predict_command(
     shown: list[Any] = []
     errors: list[Any] = []
     rows_json: list[dict] = []
+    folder = model_folder(model)  # resolved once: the bundled default or a Hub id become a folder here
+    class_names = list(read_config(folder).get("class_names", []))
     with progress_bar(quiet or json_out) as progress, ExitStack() as stack:
         writer = None
         stream = iter_predictions(
             paths,
-            model,
+            folder,
             batch_size=batch_size,
             num_workers=workers,
             device=device,
@@ -111,8 +111,8 @@ def predict_command(
             elif len(shown) < show:
                 shown.append(pred)
             if output is not None:
-                if writer is None:  # opened on the first row: its columns need the model's class names
-                    writer = stack.enter_context(PredictionWriter(output, _model_classes(model, pred)))
+                if writer is None:  # opened on the first row: no output file when there is nothing to write
+                    writer = stack.enter_context(PredictionWriter(output, class_names))
                 writer.write(pred.to_dict())
     total = sum(counts.values())
     if total == 0:
@@ -130,17 +130,6 @@ def predict_command(
                 highlight=False,
             )
         raise typer.Exit(EXIT_SOME_FAILED)
-
-
-def _model_classes(model: str | None, first) -> list[str]:
-    """Class names for the output columns: from the first classified row or, failing that, the checkpoint."""
-    if first.probabilities:
-        return list(first.probabilities)
-    from cxrcae.hub.resolve import resolve_checkpoint
-    from cxrcae.infer.prediction import resolve_model_ref
-    from cxrcae.models.checkpoint import read_config
-
-    return list(read_config(resolve_checkpoint(resolve_model_ref(model))).get("class_names", []))
 
 
 def _render(shown, total, counts, output, explain, top_k) -> None:

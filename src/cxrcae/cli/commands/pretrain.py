@@ -17,14 +17,16 @@ from cxrcae.cli.commands._training import (
     OutOpt,
     ResumeOpt,
     TrainWorkersOpt,
+    config_from_options,
     render_result,
     require_data_and_out,
 )
-from cxrcae.cli.common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt, workers_or_default
+from cxrcae.cli.common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt
 
 
 @app.command("pretrain")
 def pretrain_command(
+    ctx: typer.Context,
     data: Annotated[
         Path | None,
         typer.Argument(
@@ -83,22 +85,6 @@ def pretrain_command(
         if resume is not None:
             result = resume_run(resume, progress, task="pretrain", device=device, num_workers=num_workers)
         else:
-            cfg = PretrainConfig(
-                image_size=image_size,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                device=device,
-                precision=precision,
-                channels_last=channels_last,
-                num_workers=workers_or_default(num_workers),
-                limit_batches=limit_batches,
-                resize_mode=resize_mode,
-                augment=augment,
-                patience=patience,
-                min_delta=min_delta,
-                val_fraction=val_fraction,
-            )
+            cfg = config_from_options(PretrainConfig, ctx.params)
             result = pretrain(data, out, cfg, progress)
     render_result(result, json_out=json_out, quiet=quiet)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.commands.predict import EXIT_SOME_FAILED
 from cxrcae.cli.common import (
     DecodeWorkersOpt,
     DeviceOpt,
@@ -21,6 +20,7 @@ from cxrcae.cli.common import (
     print_json,
     workers_or_default,
 )
+from cxrcae.errors import EXIT_SOME_FAILED
 
 
 @app.command("reconstruct")

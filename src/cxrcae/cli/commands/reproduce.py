@@ -12,6 +12,7 @@ from cxrcae.cli.commands._training import (
     ImageSizeOpt,
     LimitBatchesOpt,
     TrainWorkersOpt,
+    config_from_options,
 )
 from cxrcae.cli.common import (
     DeviceOpt,
@@ -22,12 +23,12 @@ from cxrcae.cli.common import (
     console,
     make_table,
     print_json,
-    workers_or_default,
 )
 
 
 @app.command("reproduce")
 def reproduce_command(
+    ctx: typer.Context,
     data: Annotated[
         Path,
         typer.Argument(
@@ -71,19 +72,7 @@ def reproduce_command(
     from cxrcae.cli.common import progress_bar
     from cxrcae.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(
-        image_size=image_size,
-        pretrain_epochs=pretrain_epochs,
-        finetune_epochs=finetune_epochs,
-        head=head,
-        seed=seed,
-        device=device,
-        precision=precision,
-        num_workers=workers_or_default(num_workers),
-        limit_batches=limit_batches,
-        n_bootstrap=bootstrap,
-        audit=audit,
-    )
+    cfg = config_from_options(PipelineConfig, ctx.params)
     with progress_bar(quiet or json_out) as progress:
         result = run_pipeline(data, out, cfg, progress)
     if json_out:
