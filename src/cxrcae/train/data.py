@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from cxrcae.data import Record, dataset_fingerprint, load_records, write_records
+from cxrcae.data.dataset import SafeDataset, collate_with_errors
 from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
-from cxrcae.errors import DataError, ImageLoadError
+from cxrcae.errors import DataError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import make_generator, worker_init_fn
 
@@ -162,36 +163,6 @@ def resumed_data(previous: dict[str, Any], out_dir: Path, labeled: bool) -> Trai
     return data
 
 
-class SafeDataset(Dataset):
-    """Wraps a dataset so an unreadable file becomes a skipped entry instead of killing the epoch."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            return self.dataset[index]
-        except ImageLoadError as exc:
-            return {"skipped": f"{exc.path}: {exc.reason}"}
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack readable items; unreadable ones are listed under ``skipped``."""
-    good = [it for it in items if "skipped" not in it]
-    batch: dict[str, Any] = {"skipped": [it["skipped"] for it in items if "skipped" in it]}
-    if good:
-        batch["image"] = torch.stack([it["image"] for it in good])
-        batch["label"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
-    else:
-        batch["image"] = torch.empty(0)
-        batch["label"] = torch.empty(0, dtype=torch.long)
-    batch["path"] = [it["path"] for it in good]
-    return batch
-
-
 def augmentation():
     """Light, label-preserving X-ray augmentation on the [0, 1] tensor (torchvision.transforms.v2):
     rotation +-5 deg, translation 5%, scale 0.95-1.05, brightness/contrast +-10%, clamped to [0, 1]."""
@@ -253,7 +224,10 @@ def make_loader(
     sample_weights: torch.Tensor | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend only on ``seed`` (never the global RNG)."""
+    """A DataLoader whose order and worker seeds depend only on ``seed`` (never the global RNG).
+
+    Batches are ``collate_with_errors`` dicts (``"image"``, ``"label"``, ``"path"``, ``"skipped"``, ...): an
+    unreadable file is listed under ``"skipped"`` as ``"path: reason"`` instead of stopping the epoch."""
     generator = make_generator(seed)
     sampler = None
     if sample_weights is not None:
@@ -267,7 +241,7 @@ def make_loader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_with_errors,
         generator=generator,
         worker_init_fn=worker_init_fn,
         pin_memory=pin_memory,

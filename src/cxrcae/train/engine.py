@@ -35,7 +35,7 @@ from cxrcae.eval.metrics import classification_metrics
 from cxrcae.hub.card import build_card
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import autocast
+from cxrcae.runtime import autocast, precision_name
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
 from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state
@@ -549,6 +549,34 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
     if best_state is not None:  # final config (epochs run, stages) next to the same best weights
         _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
+
+
+def train_result(
+    run: Run, outcome: FitOutcome, train_images: int, val_images: int, **extra: Any
+) -> TrainResult:
+    """The ``TrainResult`` of a finished ``fit``: what both tasks report the same way, plus ``extra``
+    (best_metrics, files beyond best/last/history, notes, class names, baseline, resumed)."""
+    out = run.out_dir
+    files = {"best": str(out / BEST), "last": str(out / LAST), "history": str(out / HISTORY_NAME)}
+    return TrainResult(
+        task=run.kind,
+        out_dir=str(out),
+        best_dir=str(out / BEST),
+        device=str(run.rt.device),
+        precision=precision_name(run.rt.dtype),
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best["epoch"],
+        best_val_loss=outcome.best["val_loss"],
+        best_metrics=extra.pop("best_metrics"),
+        stages=outcome.stages,
+        history=outcome.history,
+        train_images=train_images,
+        val_images=val_images,
+        seconds=round(outcome.seconds, 2),
+        files={**files, **extra.pop("files", {})},
+        skipped_files=sorted(set(outcome.skipped)),
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- files

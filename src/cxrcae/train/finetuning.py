@@ -38,8 +38,6 @@ from cxrcae.train.data import (
     source_balanced_weights,
 )
 from cxrcae.train.engine import (
-    BEST,
-    HISTORY_NAME,
     Classification,
     Resume,
     Run,
@@ -48,6 +46,7 @@ from cxrcae.train.engine import (
     TrainResult,
     check_out_dir,
     fit,
+    train_result,
 )
 from cxrcae.train.plots import loss_curves
 
@@ -191,8 +190,7 @@ def run_finetune(
     )
     outcome = fit(run, resume)
 
-    files = {"best": str(out / BEST), "last": str(out / "last"), "history": str(out / HISTORY_NAME)}
-    files["loss_curve"] = str(loss_curves(outcome.history, out / "loss_curve.png", "cross-entropy"))
+    files = {"loss_curve": str(loss_curves(outcome.history, out / "loss_curve.png", "cross-entropy"))}
     if tdata.split_origin != "file":
         files["splits"] = str(out / "splits.csv")
     counts = Counter(r.label for r in tdata.train)
@@ -200,25 +198,14 @@ def run_finetune(
         notes.append(f"{tdata.dropped_unlabeled} unlabelled image(s) ignored")
     if cfg.balance == "none" and max(counts.values()) > 3 * min(counts.values()):
         notes.append("classes are imbalanced (>3x); consider --balance loss or --balance sampler")
-    best_metrics = {"val_loss": outcome.best["val_loss"], **outcome.best.get("metrics", {})}
-    return TrainResult(
-        task=KIND,
-        out_dir=str(out),
-        best_dir=str(out / BEST),
-        device=used["device"],
-        precision=used["precision"],
-        epochs_run=len(outcome.history),
-        best_epoch=outcome.best["epoch"],
-        best_val_loss=outcome.best["val_loss"],
-        best_metrics=best_metrics,
-        stages=outcome.stages,
-        history=outcome.history,
-        train_images=len(tdata.train),
-        val_images=len(tdata.val),
-        seconds=round(outcome.seconds, 2),
+    return train_result(
+        run,
+        outcome,
+        len(tdata.train),
+        len(tdata.val),
+        best_metrics={"val_loss": outcome.best["val_loss"], **outcome.best.get("metrics", {})},
         files=files,
         class_names=names,
-        skipped_files=sorted(set(outcome.skipped)),
         notes=notes,
         resumed=resume is not None,
     )

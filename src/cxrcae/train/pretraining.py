@@ -25,8 +25,6 @@ from cxrcae.runtime import autocast, precision_name, reproducible, resolve_devic
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import TrainData, augmentation, pretrain_data
 from cxrcae.train.engine import (
-    BEST,
-    HISTORY_NAME,
     Reconstruction,
     Resume,
     Run,
@@ -35,6 +33,7 @@ from cxrcae.train.engine import (
     TrainResult,
     check_out_dir,
     fit,
+    train_result,
 )
 from cxrcae.train.plots import loss_curves, reconstruction_grid
 
@@ -116,9 +115,10 @@ def run_pretrain(
     )
     outcome = fit(run, resume)
 
-    files = {"best": str(out / BEST), "last": str(out / "last"), "history": str(out / HISTORY_NAME)}
-    files["loss_curve"] = str(loss_curves(outcome.history, out / "loss_curve.png", "reconstruction MSE"))
-    files["reconstructions"] = str(_reconstructions(model, val_set, rt, cfg, out / "reconstructions.png"))
+    files = {
+        "loss_curve": str(loss_curves(outcome.history, out / "loss_curve.png", "reconstruction MSE")),
+        "reconstructions": str(_reconstructions(model, val_set, rt, cfg, out / "reconstructions.png")),
+    }
     if tdata.split_origin != "file":
         files["splits"] = str(out / "splits.csv")
     notes = []
@@ -129,24 +129,14 @@ def run_pretrain(
             "validation MSE is not below the mean-image baseline: the autoencoder has not learned yet "
             "(train longer or check the learning rate)"
         )
-    return TrainResult(
-        task=KIND,
-        out_dir=str(out),
-        best_dir=str(out / BEST),
-        device=used["device"],
-        precision=used["precision"],
-        epochs_run=len(outcome.history),
-        best_epoch=outcome.best["epoch"],
-        best_val_loss=best_loss,
+    return train_result(
+        run,
+        outcome,
+        len(tdata.train),
+        len(tdata.val),
         best_metrics={"val_mse": best_loss},
-        stages=outcome.stages,
-        history=outcome.history,
-        train_images=len(tdata.train),
-        val_images=len(tdata.val),
-        seconds=round(outcome.seconds, 2),
         files=files,
         baseline=baseline,
-        skipped_files=sorted(set(outcome.skipped)),
         notes=notes,
         resumed=resume is not None,
     )
