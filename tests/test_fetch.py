@@ -22,7 +22,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from cxrcae.data import load_records
-from cxrcae.errors import DownloadError
+from cxrcae.errors import DataError, DownloadError
 from cxrcae.fetch import SOURCES, UnsafeArchiveError, download, fetch_source, registry, safe_extract
 from cxrcae.fetch import cache as fetch_cache
 
@@ -307,6 +307,73 @@ def test_safe_extract_unpacks_zip_and_tar(tmp_path):
     assert not (tmp_path / "z" / "__MACOSX").exists()
     (tmp_path / "a.tgz").write_bytes(_tar_with(_tar_member("top/c.txt", tarfile.REGTYPE), b"ccc"))
     assert safe_extract(tmp_path / "a.tgz", tmp_path / "t") == (1, 3)
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for info, data in members:
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+_OK = (_tar_member("top/ok.txt", tarfile.REGTYPE), b"ok")
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (_tar_member("top/../../evil.txt", tarfile.REGTYPE), "escapes the destination"),
+        (_tar_member("top/out", tarfile.SYMTYPE, "../../evil.txt"), "link"),
+        (_tar_member("top/abs", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+        (_tar_member("top/hard", tarfile.LNKTYPE, "../evil.txt"), "link"),
+        (_tar_member("top/sda", tarfile.BLKTYPE), "device"),
+    ],
+    ids=["dotdot", "symlink-outside", "symlink-absolute", "hardlink-outside", "block-device"],
+)
+def test_tar_data_filter_refuses_escapes_links_and_devices(tmp_path, member, reason):
+    (tmp_path / "a.tar").write_bytes(_tar(_OK, (member, b"pwned" if member.isreg() else b"")))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnsafeArchiveError, match=f"a.tar: .*{reason}.*{member.name}"):
+        safe_extract(tmp_path / "a.tar", tmp_path / "out" / "x")
+    assert list((tmp_path / "out").iterdir()) == []  # refused before anything was written
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_tar_data_filter_neutralises_absolute_paths_and_mode_bits(tmp_path):
+    setuid = _tar_member("/abs/dir/run.sh", tarfile.REGTYPE)
+    setuid.mode = 0o6777
+    (tmp_path / "a.tar").write_bytes(_tar(_OK, (setuid, b"#!/bin/sh\n")))
+    dest = tmp_path / "x"
+    assert safe_extract(tmp_path / "a.tar", dest) == (2, 12)
+    landed = dest / "abs" / "dir" / "run.sh"  # leading '/' stripped, as filter="data" does
+    assert landed.read_bytes() == b"#!/bin/sh\n" and not Path("/abs/dir/run.sh").exists()
+    assert landed.stat().st_mode & 0o7777 == 0o755  # no setuid/setgid, no group/other write
+
+
+def test_tar_with_every_kind_of_attack_is_refused_whole(tmp_path):
+    attacks = [
+        _OK,
+        (_tar_member("/abs/evil.txt", tarfile.REGTYPE), b"pwned"),
+        (_tar_member("../evil.txt", tarfile.REGTYPE), b"pwned"),
+        (_tar_member("top/link", tarfile.SYMTYPE, "../../.."), b""),
+        (_tar_member("top/null", tarfile.CHRTYPE), b""),
+    ]
+    (tmp_path / "a.tgz").write_bytes(_tar(*attacks))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnsafeArchiveError, match=r"a\.tgz: path escapes the destination: '\.\./evil\.txt'"):
+        safe_extract(tmp_path / "a.tgz", tmp_path / "out" / "x")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_tar_without_the_data_filter_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter")  # Python < 3.10.12 / 3.11.4
+    (tmp_path / "a.tar").write_bytes(_tar(_OK))
+    with pytest.raises(DataError, match=r"a\.tar: unpacking a tar archive safely needs Python >= 3\.10\.12"):
+        safe_extract(tmp_path / "a.tar", tmp_path / "x")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.tar"]
 
 
 # --- the whole pipeline --------------------------------------------------------------------------------

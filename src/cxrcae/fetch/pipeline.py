@@ -1,4 +1,7 @@
-"""One source from URL to manifest: download (or reuse and re-verify), extract safely, parse, write the CSV.
+"""Sources from URL to manifest: download (or reuse and re-verify), extract safely, parse, write the CSV.
+
+``fetch_source`` does one source; ``fetch_sources`` does several for ``cxrcae fetch``: one failed source
+does not stop the others, and the merged manifest is written only when every source succeeded.
 
 A second fetch of a cached source makes no network request: the archive is re-hashed against the sha256
 recorded at its first download, the extracted tree is checked against its recorded file count and size, and
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cxrcae.data import Record, write_records
-from cxrcae.errors import DataError, DownloadError
+from cxrcae.errors import CxrcaeError, DataError, DownloadError
 from cxrcae.fetch import cache
 from cxrcae.fetch.download import download, file_sha256
 from cxrcae.fetch.extract import DEFAULT_MAX_BYTES, safe_extract
@@ -223,6 +226,92 @@ def write_merged(results: Sequence[FetchResult], out: Path, *, purpose: Purpose 
     if not records:
         raise DataError(f"{out}: nothing to write (no labelled images; use --for pretrain to keep unlabeled)")
     return write_records(records, out)
+
+
+@dataclass
+class FetchFailure:
+    """A source that could not be fetched, with the one-line reason."""
+
+    name: str
+    error: str
+
+
+@dataclass
+class FetchReport:
+    """What ``fetch_sources`` did: each source's result or failure, and the merged manifest if written."""
+
+    results: list[FetchResult]
+    failures: list[FetchFailure]
+    merge: Path | None
+    """The merged manifest asked for (written only when no source failed; see ``merged``)."""
+    merged: Path | None
+    purpose: Purpose
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every source was fetched, 1 when any failed."""
+        return 0 if self.ok else 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sources": [r.as_dict() for r in self.results],
+            "failed": [{"name": f.name, "error": f.error} for f in self.failures],
+            "merged": str(self.merged) if self.merged else None,
+            "for": self.purpose,
+        }
+
+
+def fetch_sources(
+    names: Sequence[str],
+    *,
+    merge: Path | None = None,
+    purpose: Purpose = "classify",
+    mirror: str | None = None,
+    include_ct: bool = False,
+    include_lateral: bool = False,
+    force: bool = False,
+    progress: ProgressFn = no_progress,
+    retries: int = 4,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    max_extract_bytes: int = DEFAULT_MAX_BYTES,
+) -> FetchReport:
+    """``fetch_source`` each of ``names`` (duplicates once, in order) and, with ``merge``, join them there.
+
+    An unknown name raises ``DataError`` before anything is downloaded. A source that fails with a
+    ``CxrcaeError`` is recorded in ``failures`` and the others are still fetched; the merged manifest is
+    written only when none failed (``write_merged``'s ``DataError`` when it would be empty propagates).
+    """
+    for name in names:
+        get_source(name)
+    results: list[FetchResult] = []
+    failures: list[FetchFailure] = []
+    for name in dict.fromkeys(names):
+        try:
+            results.append(
+                fetch_source(
+                    name,
+                    mirror=mirror or None,
+                    include_ct=include_ct,
+                    include_lateral=include_lateral,
+                    force=force,
+                    progress=progress,
+                    retries=retries,
+                    timeout=timeout,
+                    backoff=backoff,
+                    max_extract_bytes=max_extract_bytes,
+                )
+            )
+        except CxrcaeError as exc:  # one bad source does not stop the others
+            failures.append(FetchFailure(name, str(exc)))
+    merged = None
+    if merge is not None and results and not failures:
+        merged = write_merged(results, merge, purpose=purpose)
+    return FetchReport(results, failures, merge, merged, purpose)
 
 
 def cache_status(source: Source) -> str:

@@ -74,51 +74,36 @@ def fetch_command(
         raise typer.BadParameter("name at least one source, or use --list", param_hint="NAMES")
 
     from cxrcae.cli.common import progress_bar
-    from cxrcae.errors import CxrcaeError
-    from cxrcae.fetch import fetch_source, get_source, write_merged
+    from cxrcae.fetch import fetch_sources
 
-    for name in names:
-        get_source(name)  # unknown names fail before anything is downloaded
-    results, failures = [], []
     with progress_bar(quiet or json_out) as progress:
-        for name in dict.fromkeys(names):
-            try:
-                results.append(
-                    fetch_source(
-                        name,
-                        mirror=mirror or None,
-                        include_ct=include_ct,
-                        include_lateral=include_lateral,
-                        force=force,
-                        progress=progress,
-                        retries=retries,
-                        timeout=timeout,
-                    )
-                )
-            except CxrcaeError as exc:  # one bad source does not stop the others
-                failures.append((name, str(exc)))
-
-    merged = None
-    if merge is not None and results and not failures:
-        merged = write_merged(results, merge, purpose=purpose.value)
+        report = fetch_sources(
+            names,
+            merge=merge,
+            purpose=purpose.value,
+            mirror=mirror or None,
+            include_ct=include_ct,
+            include_lateral=include_lateral,
+            force=force,
+            progress=progress,
+            retries=retries,
+            timeout=timeout,
+        )
 
     if json_out:
-        print_json(
-            {
-                "sources": [r.as_dict() for r in results],
-                "failed": [{"name": n, "error": e} for n, e in failures],
-                "merged": str(merged) if merged else None,
-                "for": purpose.value,
-            }
-        )
+        print_json(report.as_dict())
     elif not quiet:
-        _render(results, merged)
-    for name, error in failures:
-        err_console.print(f"[bold red]Error:[/] {name}: {error}", highlight=False, soft_wrap=True)
-    if failures:
+        _render(report.results, report.merged)
+    for failure in report.failures:
+        err_console.print(
+            f"[bold red]Error:[/] {failure.name}: {failure.error}", highlight=False, soft_wrap=True
+        )
+    if not report.ok:
         if merge is not None:
-            err_console.print(f"{merge} not written: {len(failures)} source(s) failed", highlight=False)
-        raise typer.Exit(1)
+            err_console.print(
+                f"{merge} not written: {len(report.failures)} source(s) failed", highlight=False
+            )
+        raise typer.Exit(report.exit_code)
 
 
 def _render(results: list[Any], merged: Path | None) -> None:
