@@ -19,6 +19,8 @@ from cxrcae.data.audit import (
     dominant_sources,
     near_pairs,
 )
+from cxrcae.io import hash_files
+from cxrcae.io import hashing as io_hashing
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -107,6 +109,29 @@ def test_audit_finds_planted_duplicates_leak_and_unreadable(planted):
     assert report.patient_leaks[0]["splits"] == {"test": 1, "train": 1}
     assert [p for p, _ in report.unreadable] == [planted["broken"]]
     assert report.leakage and report.images == len(records)
+
+
+def test_audit_reuses_precomputed_pixel_hashes(planted, monkeypatch):
+    records = load_records(planted["csv"], labeled=False)
+    fresh = audit_records(records, workers=2).as_dict()
+    known = hash_files([r.path for r in records], workers=2)
+    assert Path(planted["broken"]) in known.errors
+
+    decoded: list[Path] = []
+    decode = io_hashing.decode_native
+
+    def counting_decode(path, **kwargs):
+        decoded.append(Path(path))
+        return decode(path, **kwargs)
+
+    monkeypatch.setattr(io_hashing, "decode_native", counting_decode)  # every pixel_hash decodes through it
+    reused = audit_records(records, workers=2, pixel_hashes=known).as_dict()
+    assert decoded == []  # no file was pixel-hashed again, the unreadable one included
+    assert reused == fresh
+
+    partial = type(known)(hashes=dict(list(known.hashes.items())[:5]), errors={})
+    assert audit_records(records, workers=2, pixel_hashes=partial).as_dict() == fresh
+    assert sorted(decoded) == sorted({r.path for r in records} - set(partial.hashes))  # only the rest
 
 
 def test_cli_audit_exits_3_on_leakage_with_reports(cli, planted, tmp_path):

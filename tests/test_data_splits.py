@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cxrcae.data import Record, load_records
+from cxrcae.data.groups import UnionFind
 from cxrcae.data.splits import check_ratios, make_splits, split_records, split_summary
 from cxrcae.errors import DataError
 
@@ -153,6 +154,30 @@ def test_hashing_threads_do_not_change_the_split(planted):
     one = split_records(records, seed=5, workers=1)
     four = split_records(records, seed=5, workers=4)
     assert one.records == four.records and one.duplicate_groups == four.duplicate_groups
+
+
+def test_split_keeps_its_pixel_hashes_for_the_audit(planted):
+    records, pairs, broken = planted
+    result = split_records(records, seed=0, workers=2)
+    hashed = result.pixel_hashes
+    assert hashed is not None
+    assert set(hashed.hashes) | set(hashed.errors) == {r.path for r in records}
+    assert hashed.error_list() == result.hash_errors and list(hashed.errors) == [broken]
+    assert all(hashed.hashes[a] == hashed.hashes[b] for a, b in pairs)
+    assert split_records(records, seed=0, dedupe=False).pixel_hashes is None
+
+
+def test_union_find_roots_are_smallest_members_whatever_the_join_order():
+    for pairs in ([(0, 3), (3, 5), (6, 2)], [(5, 3), (2, 6), (3, 0)]):
+        uf = UnionFind(7)
+        for a, b in pairs:
+            uf.union(a, b)
+        assert uf.groups() == [[0, 3, 5], [1], [2, 6], [4]]
+        assert [uf.find(i) for i in range(7)] == [0, 1, 2, 0, 4, 0, 2]
+    chain = UnionFind(1000)
+    for i in range(999, 0, -1):  # a long chain: path compression keeps find fast and correct
+        chain.union(i, i - 1)
+    assert chain.groups() == [list(range(1000))] and chain.find(999) == 0
 
 
 def test_same_path_listed_twice_stays_together(tmp_path):

@@ -1,6 +1,8 @@
-"""resize_xray modes, load_for_model's model-input contract, and pixel_hash equalities."""
+"""resize_xray modes, load_for_model's model-input contract, pixel_hash equalities, hash_files' pool."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cxrcae.errors import CxrcaeError, ImageLoadError
-from cxrcae.io import load_for_model, load_xray, pixel_hash, resize_xray
+from cxrcae.io import FileHashes, hash_files, load_for_model, load_xray, pixel_hash, resize_xray
+from cxrcae.io.hashing import failure_reason
 
 
 @pytest.fixture
@@ -118,6 +121,51 @@ def test_pixel_hash_lossy_jpeg_is_not_png(tmp_path):
     with pytest.raises(ImageLoadError, match="empty file"):
         (tmp_path / "e.png").write_bytes(b"")
         pixel_hash(tmp_path / "e.png")
+
+
+def test_hash_files_hashes_each_distinct_path_once_and_collects_failures(tmp_path):
+    rng = np.random.default_rng(6)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (6, 9), dtype=np.uint8)).save(paths[-1])
+    broken, missing = tmp_path / "broken.png", tmp_path / "missing.png"
+    broken.write_bytes(b"")
+    listed = [paths[3], broken, *paths, missing, paths[0]]  # repeats are hashed once
+    calls: list[tuple] = []
+    result = hash_files(listed, workers=3, progress=lambda *a: calls.append(a))
+    assert isinstance(result, FileHashes)
+    assert list(result.hashes) == [
+        paths[3],
+        *(p for p in paths if p != paths[3]),
+    ]  # input order, not threads'
+    assert result.hashes == {p: pixel_hash(p) for p in paths}
+    assert result.errors == {broken: "empty file", missing: "no such file"}
+    assert result.error_list() == [(broken, "empty file"), (missing, "no such file")]
+    assert calls[0] == ("hashing pixels", 0, 7) and calls[-1] == ("hashing pixels", 7, 7, "2 unreadable")
+    assert len(calls) == 8
+
+    seen: list[Path] = []
+
+    def size(path: Path) -> int:
+        seen.append(path)
+        return path.stat().st_size
+
+    sizes = hash_files([*paths, paths[1]], size, workers=2, task="measuring")
+    assert sorted(seen) == sorted(paths) and sizes.hashes == {p: p.stat().st_size for p in paths}
+    assert hash_files([]) == FileHashes()
+
+    def bug(path: Path) -> int:
+        raise RuntimeError("a bug, not a bad file")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        hash_files(paths[:1], bug)
+
+
+def test_failure_reason():
+    assert failure_reason(ImageLoadError("x.png", "truncated image")) == "truncated image"
+    assert failure_reason(CxrcaeError("no reason attribute")) == "no reason attribute"
+    assert failure_reason(ValueError("bad value")) == "ValueError: bad value"
 
 
 @settings(max_examples=40, deadline=None)

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections import Counter
+from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from cxrcae import pipeline
 from cxrcae.data import load_records
+from cxrcae.data.audit import audit_records
+from cxrcae.io import hashing as io_hashing
 
 
 def test_reproduce_end_to_end_keeps_test_unseen(cli, tiny_labelled_folder, tmp_path):
@@ -52,3 +61,41 @@ def test_reproduce_refuses_an_existing_run(cli, tiny_labelled_folder, tmp_path):
     (tmp_path / "run" / "cae").mkdir(parents=True)
     result = cli("reproduce", tiny_labelled_folder, "--out", tmp_path / "run")
     assert result.exit_code == 1 and "already holds" in result.output
+
+
+class _StopAfterAudit(Exception):
+    """Raised in place of pretraining: the test only needs the split and audit steps."""
+
+
+def test_reproduce_pixel_hashes_each_image_once(mini_folder, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(mini_folder, data, symlinks=True)
+    covid = sorted((data / "COVID").iterdir())[0]
+    Image.open(covid).save(data / "NORMAL" / "copy_of_covid.png")  # an exact duplicate across classes
+    (data / "PNEUMONIA" / "broken.jpg").write_bytes(covid.read_bytes()[:300])  # unreadable
+
+    decoded: Counter[Path] = Counter()
+    decode = io_hashing.decode_native
+
+    def counting_decode(path, **kwargs):
+        decoded[Path(path)] += 1
+        return decode(path, **kwargs)
+
+    def stop(*args, **kwargs):
+        raise _StopAfterAudit
+
+    monkeypatch.setattr(io_hashing, "decode_native", counting_decode)  # every pixel_hash decodes through it
+    monkeypatch.setattr(pipeline, "pretrain", stop)
+    out = tmp_path / "run"
+    with pytest.raises(_StopAfterAudit):
+        pipeline.run_pipeline(data, out)
+
+    images = {r.path for r in load_records(out / "splits.csv")}
+    assert len(images) == 14 and set(decoded) == images
+    assert set(decoded.values()) == {1}  # split and audit shared one hashing pass
+
+    audit = json.loads((out / "audit.json").read_text())
+    assert (audit["images"], audit["unreadable"], audit["exact_duplicate_groups"]) == (14, 1, 1)
+    monkeypatch.setattr(io_hashing, "decode_native", decode)
+    fresh = audit_records(load_records(out / "splits.csv", labeled=False))  # hashing everything itself
+    assert audit == {"leakage": fresh.leakage, **fresh.summary(), "dominant_sources": fresh.dominant}

@@ -2,7 +2,8 @@
 
 Each step is the same core function its own command runs; this module only chains them inside one run folder
 so that a researcher reproduces the method on their data with one call, and nothing of the test split is seen
-before the final evaluation (the autoencoder is pretrained on the train/val images only).
+before the final evaluation (the autoencoder is pretrained on the train/val images only). The audit reuses
+the pixel hashes the split computed, so each image is decoded for its pixel hash once.
 
 Run folder: ``OUT/splits.csv`` (given or made), ``OUT/audit.json``, ``OUT/cae/`` (a pretrain run),
 ``OUT/clf/`` (a finetune run), ``OUT/clf/best/eval-test/`` (metrics, predictions, plots, report.html) and
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from cxrcae._atomic import atomic_write_text
-from cxrcae.data import load_records, make_splits, write_records
+from cxrcae.data import load_records, split_records, write_records
 from cxrcae.data.audit import audit_records
 from cxrcae.errors import DataError
 from cxrcae.eval.evaluation import evaluate
+from cxrcae.io import FileHashes
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
@@ -79,8 +81,8 @@ def run_pipeline(
         raise DataError(f"{out}: already holds a pipeline run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
-    splits = _splits_file(Path(data), out, cfg.seed, progress)
-    audit = _audit(splits, progress) if cfg.audit else None
+    splits, pixel_hashes = _splits_file(Path(data), out, cfg.seed, progress)
+    audit = _audit(splits, pixel_hashes, progress) if cfg.audit else None
     if audit is not None:
         atomic_write_text(out / "audit.json", json.dumps(audit, indent=2, default=str) + "\n")
 
@@ -134,23 +136,27 @@ def run_pipeline(
     return summary
 
 
-def _splits_file(data: Path, out: Path, seed: int, progress: ProgressFn) -> Path:
-    """DATA's own split when it has one, else a leak-free split written to OUT/splits.csv."""
+def _splits_file(
+    data: Path, out: Path, seed: int, progress: ProgressFn
+) -> tuple[Path, FileHashes[str] | None]:
+    """DATA's own split when it has one, else a leak-free split written to OUT/splits.csv, with the pixel
+    hashes the split computed (None for DATA's own split: nothing was hashed)."""
 
     records = load_records(data, labeled=True)  # a class folder keeps its labels; UNLABELED rows stay in
     if any(r.split for r in records):
-        return data.resolve()
+        return data.resolve(), None
     labelled = [r for r in records if r.label is not None]
     if not labelled:
         raise DataError(f"{data}: no labelled images; the pipeline needs COVID/NORMAL/PNEUMONIA-style labels")
     path = out / "splits.csv"
-    write_records(make_splits(records, seed=seed, progress=progress), path)
-    return path
+    result = split_records(records, seed=seed, progress=progress)
+    write_records(result.records, path)
+    return path, result.pixel_hashes
 
 
-def _audit(splits: Path, progress: ProgressFn) -> dict[str, Any]:
-
-    report = audit_records(load_records(splits, labeled=False), progress=progress)
+def _audit(splits: Path, pixel_hashes: FileHashes[str] | None, progress: ProgressFn) -> dict[str, Any]:
+    """The audit summary of the splits file; files in ``pixel_hashes`` are not pixel-hashed again."""
+    report = audit_records(load_records(splits, labeled=False), progress=progress, pixel_hashes=pixel_hashes)
     return {"leakage": report.leakage, **report.summary(), "dominant_sources": report.dominant}
 
 

@@ -8,16 +8,16 @@ datasets) and mix sources per class, two well-known ways to inflate results. ``a
 - leakage: a patient, or a duplicate group, present in more than one split;
 - source bias: per class, the share of its images that come from its largest source.
 
-Unreadable images are listed and skipped, never fatal. ``LEAKAGE_EXIT_CODE`` is what ``cxrcae audit``
-returns when it finds leakage, so it can gate a pipeline.
+Hashing runs on ``cxrcae.io.hash_files``' thread pool; pixel hashes already computed by a split
+(``SplitResult.pixel_hashes``) can be passed in and are not computed again. Unreadable images are listed
+and skipped, never fatal. ``LEAKAGE_EXIT_CODE`` is what ``cxrcae audit`` returns when it finds leakage, so
+it can gate a pipeline.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from cxrcae.data import Record
-from cxrcae.errors import CxrcaeError
-from cxrcae.io import load_xray, pixel_hash
+from cxrcae.data.groups import UnionFind
+from cxrcae.data.records import Record
+from cxrcae.io import FileHashes, hash_files, load_xray, pixel_hash
 from cxrcae.progress import ProgressFn, no_progress
 
 LEAKAGE_EXIT_CODE = 3
@@ -39,6 +39,7 @@ ieee8023 images inside radiography-db), at <= 4 bits 268, mostly different image
 DEFAULT_DOMINANCE = 0.8
 _PHASH_DECODE_SIZE = 128  # phash looks at 32x32: decoding big JPEGs at reduced size loses nothing
 _UNKNOWN = "(unknown)"
+HASH_TASK = "hashing images"
 
 
 @dataclass(frozen=True)
@@ -149,30 +150,46 @@ class AuditReport:
         }
 
 
-def hash_image(path: Path) -> ImageHash:
-    """Exact and perceptual hash of one file; a read failure is returned, not raised."""
+def hash_images(
+    paths: Sequence[Path],
+    *,
+    workers: int | None = None,
+    progress: ProgressFn = no_progress,
+    pixel_hashes: FileHashes[str] | None = None,
+) -> list[ImageHash]:
+    """Exact and perceptual hash of each path, in input order; read failures are returned, not raised.
 
-    try:
+    Runs on ``hash_files``' thread pool (decoders release the GIL). ``pixel_hashes`` (for instance
+    ``SplitResult.pixel_hashes``) supplies exact hashes computed earlier: those files are only decoded small
+    for the perceptual hash, and the files it lists as unreadable are reported with its reason, not retried.
+    """
+    known: FileHashes[str] = pixel_hashes or FileHashes()
+
+    def exact_and_phash(path: Path) -> tuple[str, int]:
+        return _exact_and_phash(path, known.hashes.get(path))
+
+    todo = [p for p in dict.fromkeys(paths) if p not in known.errors]
+    found = hash_files(todo, exact_and_phash, workers=workers, progress=progress, task=HASH_TASK)
+    out: list[ImageHash] = []
+    for path in paths:
+        if path in known.errors:
+            out.append(ImageHash(error=known.errors[path]))
+        elif path in found.errors:
+            out.append(ImageHash(error=found.errors[path]))
+        else:
+            exact, phash = found.hashes[path]
+            out.append(ImageHash(exact=exact, phash=phash))
+    return out
+
+
+def _exact_and_phash(path: Path, exact: str | None = None) -> tuple[str, int]:
+    """``pixel_hash`` (unless given) and the 64-bit perceptual hash of one file; raises on a read failure."""
+    if exact is None:
         exact = pixel_hash(path)
-        pixels = load_xray(path, target_size=_PHASH_DECODE_SIZE)
-    except CxrcaeError as exc:
-        return ImageHash(error=getattr(exc, "reason", str(exc)))
-    except (OSError, ValueError) as exc:  # a decoder's own error that slipped through
-        return ImageHash(error=f"{type(exc).__name__}: {exc}")
+    pixels = load_xray(path, target_size=_PHASH_DECODE_SIZE)
     image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
     bits = np.packbits(imagehash.phash(image).hash.flatten())
-    return ImageHash(exact=exact, phash=int.from_bytes(bits.tobytes(), "big"))
-
-
-def hash_images(paths: Sequence[Path], *, workers: int | None = None, progress: ProgressFn = no_progress):
-    """``hash_image`` over many files on a thread pool (decoders release the GIL), in input order."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    out: list[ImageHash] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, result in enumerate(pool.map(hash_image, paths), start=1):
-            out.append(result)
-            progress("hashing images", done, len(paths), "")
-    return out
+    return exact, int.from_bytes(bits.tobytes(), "big")
 
 
 def audit_records(
@@ -183,11 +200,17 @@ def audit_records(
     workers: int | None = None,
     progress: ProgressFn = no_progress,
     hashes: Sequence[ImageHash] | None = None,
+    pixel_hashes: FileHashes[str] | None = None,
 ) -> AuditReport:
-    """Audit a manifest's or splits file's records; ``near_threshold=None`` skips near duplicates."""
+    """Audit a manifest's or splits file's records; ``near_threshold=None`` skips near duplicates.
+
+    ``hashes`` (one per record) skips hashing altogether; ``pixel_hashes`` (``SplitResult.pixel_hashes``
+    of the same files) skips only the exact pixel hashing. Either way the report is the same.
+    """
     records = list(records)
     if hashes is None:
-        hashes = hash_images([r.path for r in records], workers=workers, progress=progress)
+        paths = [r.path for r in records]
+        hashes = hash_images(paths, workers=workers, progress=progress, pixel_hashes=pixel_hashes)
     unreadable = [(str(r.path), h.error) for r, h in zip(records, hashes, strict=True) if h.error]
     exact = exact_duplicate_groups(records, hashes)
     near = near_duplicate_groups(records, hashes, near_threshold) if near_threshold is not None else []
@@ -255,31 +278,19 @@ def near_duplicate_groups(
     if len(rep_ids) < 2:
         return []
     values = np.array([hashes[i].phash for i in rep_ids], dtype=np.uint64)
-    parent = list(range(len(rep_ids)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    worst: dict[int, int] = defaultdict(int)
+    clusters = UnionFind(len(rep_ids))
     edges = near_pairs(values, threshold)
     for a, b, _ in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
+        clusters.union(a, b)
+    worst: dict[int, int] = defaultdict(int)
     for a, _, d in edges:
-        root = find(a)
+        root = clusters.find(a)
         worst[root] = max(worst[root], d)
-    clusters: dict[int, list[int]] = defaultdict(list)
-    for k in range(len(rep_ids)):
-        clusters[find(k)].append(k)
     groups = []
-    for root, ks in clusters.items():
+    for ks in clusters.groups():
         if len(ks) > 1:
             idx = sorted(i for k in ks for i in members[rep_ids[k]])
-            groups.append(DuplicateGroup("near", idx, records, max_distance=worst[root]))
+            groups.append(DuplicateGroup("near", idx, records, max_distance=worst[clusters.find(ks[0])]))
     return groups
 
 

@@ -2,32 +2,31 @@
 
 Two images must land in the same split when they show the same patient (``patient_id``) or are the same
 picture (identical decoded pixels, ``cxrcae.io.pixel_hash``) — otherwise test accuracy measures
-memorisation. Such images are merged into groups with union-find; groups are then shuffled with a private
-RNG, sorted by size (largest first) and each is assigned greedily to the split with the largest remaining
-per-class deficit, which keeps every class close to the requested ratios even with large patient groups.
+memorisation. Such images are merged into groups with union-find (``cxrcae.data.groups``); groups are
+then shuffled with a private RNG, sorted by size (largest first) and each is assigned greedily to the split
+with the largest remaining per-class deficit, which keeps every class close to the requested ratios even
+with large patient groups. The pixel hashes come from ``cxrcae.io.hash_files`` and are kept on the result
+(``SplitResult.pixel_hashes``) so that an audit of the same files can reuse them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cxrcae.data.groups import UnionFind
 from cxrcae.data.records import SPLITS, UNLABELED, Record
-from cxrcae.errors import CxrcaeError, DataError
-from cxrcae.io import pixel_hash
+from cxrcae.errors import DataError
+from cxrcae.io import FileHashes, hash_files
 from cxrcae.progress import ProgressFn, no_progress
 
 DEFAULT_RATIOS = (0.73, 0.135, 0.135)
 """The paper's 73 / 13.5 / 13.5 train / validation / test split."""
-
-HASH_TASK = "hashing pixels"
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,9 @@ class SplitResult:
     """Sets of two or more distinct files with identical pixels; each set sits in one split."""
     hash_errors: list[tuple[Path, str]] = field(default_factory=list)
     """Files whose pixels could not be read for dedupe: (path, reason). They are still split."""
+    pixel_hashes: FileHashes[str] | None = field(default=None, repr=False, compare=False)
+    """Every file's ``pixel_hash`` (or failure) when deduplicated: pass it to ``audit_records`` so the
+    audit does not hash the same files again."""
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready counts: per split x class, patients per split, duplicates merged, unreadable files."""
@@ -114,7 +116,7 @@ def split_records(
     if not records:
         raise DataError("no records to split")
 
-    groups = _UnionFind(len(records))
+    groups = UnionFind(len(records))
     first_by_key: dict[tuple[str, str], int] = {}
     for i, r in enumerate(records):
         keys = [("path", str(r.path))]
@@ -125,13 +127,14 @@ def split_records(
 
     duplicate_groups: list[list[Path]] = []
     hash_errors: list[tuple[Path, str]] = []
+    pixel_hashes: FileHashes[str] | None = None
     if dedupe:
         unique_paths = sorted({r.path for r in records}, key=str)
-        hashes, hash_errors = hash_pixels(unique_paths, workers=workers, progress=progress)
+        pixel_hashes = hash_files(unique_paths, workers=workers, progress=progress)
+        hash_errors = pixel_hashes.error_list()
         by_hash: dict[str, list[Path]] = defaultdict(list)
-        for path in unique_paths:
-            if path in hashes:
-                by_hash[hashes[path]].append(path)
+        for path, digest in pixel_hashes.hashes.items():  # sorted by path, like unique_paths
+            by_hash[digest].append(path)
         index_of = {r.path: i for i, r in enumerate(records)}
         for paths in by_hash.values():
             if len(paths) > 1:
@@ -140,10 +143,8 @@ def split_records(
                     groups.union(index_of[paths[0]], index_of[p])
         duplicate_groups.sort(key=lambda g: str(g[0]))
 
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(records)):
-        members[groups.find(i)].append(i)
-    assignment = _assign(records, list(members.values()), fractions, seed)
+    members = groups.groups()
+    assignment = _assign(records, members, fractions, seed)
     split_records_ = [replace(r, split=assignment[i]) for i, r in enumerate(records)]
     return SplitResult(
         records=split_records_,
@@ -153,6 +154,7 @@ def split_records(
         deduplicated=dedupe,
         duplicate_groups=duplicate_groups,
         hash_errors=hash_errors,
+        pixel_hashes=pixel_hashes,
     )
 
 
@@ -185,33 +187,6 @@ def _assign(
     return result
 
 
-def hash_pixels(
-    paths: Sequence[Path], *, workers: int | None = None, progress: ProgressFn = no_progress
-) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
-    """``pixel_hash`` of each file on a thread pool: ({path: hash}, [(path, reason) for unreadable files]).
-
-    Decoding releases the GIL, so threads use every core without pickling paths to processes.
-    """
-
-    workers = workers or min(8, os.cpu_count() or 1)
-    hashes: dict[Path, str] = {}
-    errors: list[tuple[Path, str]] = []
-    total = len(paths)
-    progress(HASH_TASK, 0, total)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrcae-hash") as pool:
-        futures = {pool.submit(pixel_hash, p): p for p in paths}
-        for done, future in enumerate(as_completed(futures), start=1):
-            path = futures[future]
-            try:
-                hashes[path] = future.result()
-            except (CxrcaeError, OSError, ValueError) as exc:
-                errors.append((path, getattr(exc, "reason", None) or str(exc)))
-            if done % 64 == 0 or done == total:
-                progress(HASH_TASK, done, total, f"{len(errors)} unreadable" if errors else "")
-    errors.sort(key=lambda e: str(e[0]))
-    return hashes, errors
-
-
 def split_summary(records: Sequence[Record]) -> dict[str, Any]:
     """Per split: images, patients (distinct known ids), images without an id, and per-class counts.
 
@@ -241,21 +216,3 @@ def split_summary(records: Sequence[Record]) -> dict[str, Any]:
 
 def _pct(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
