@@ -20,7 +20,8 @@ from cxrcae.data import (
     load_records,
     write_records,
 )
-from cxrcae.errors import DataError
+from cxrcae.data.dataset import SafeDataset, Unreadable, collate_with_errors, failure_reason
+from cxrcae.errors import DataError, ImageLoadError
 
 
 def _png(path: Path, value: int = 0, size: int = 12) -> Path:
@@ -281,3 +282,34 @@ def test_xray_dataset_labels_transform_and_pad(tmp_path):
     assert float(img[0, 8, 0]) > float(img[0, 8, -1]) + 0.5  # inverted: dark end now bright
     with pytest.raises(DataError, match="image size"):
         XrayDataset(records, 0)
+
+
+def test_safe_dataset_turns_a_bad_file_into_a_marker_and_collate_lists_it(tmp_path):
+    import torch
+
+    good = _png(tmp_path / "good.png", 1)
+    records = [Record(good, "A"), Record(tmp_path / "missing.png", "A"), Record(good, None)]
+    ds = SafeDataset(XrayDataset(records, 16, class_names=["A"]))
+    assert len(ds) == 3
+    marker = ds[1]
+    assert marker == Unreadable(1, str(tmp_path / "missing.png"), "no such file")
+    assert ds[0]["index"] == 0 and ds[0]["path"] == str(good)
+
+    batch = collate_with_errors([ds[i] for i in range(3)])
+    assert batch["image"].shape == (2, 3, 16, 16)
+    assert batch["label"].tolist() == [0, -1] and batch["index"] == [0, 2]
+    assert batch["path"] == [str(good), str(good)]
+    assert batch["errors"] == [(1, marker.path, "no such file")]
+    assert batch["skipped"] == [f"{marker.path}: no such file"]
+
+    nothing = collate_with_errors([marker], image_size=16)
+    assert nothing["image"].shape == (0, 3, 16, 16) and nothing["image"].dtype == torch.float32
+    assert nothing["label"].tolist() == [] and nothing["path"] == [] and len(nothing["skipped"]) == 1
+    assert collate_with_errors([marker])["image"].shape == (0,)
+
+
+def test_failure_reason_is_one_line_without_the_path():
+    assert failure_reason(ImageLoadError("/x/a.png", "truncated image")) == "truncated image"
+    assert failure_reason(DataError("bad manifest")) == "bad manifest"
+    assert failure_reason(MemoryError()) == "out of memory while decoding"
+    assert failure_reason(KeyError("k")) == "unexpected KeyError: 'k'"

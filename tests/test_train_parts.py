@@ -8,13 +8,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cxrcae import runtime
+from cxrcae.data import XrayDataset, load_records
+from cxrcae.data.dataset import SafeDataset, collate_with_errors
 from cxrcae.errors import CxrcaeError
-from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+from cxrcae.infer.batches import iter_batches
+from cxrcae.models import CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 from cxrcae.runtime import reproducible, resolve_device, resolve_precision
 from cxrcae.train.config import expand_stages
-from cxrcae.train.engine import EarlyStopping, train_mode
+from cxrcae.train.data import make_loader
+from cxrcae.train.engine import EarlyStopping, Reconstruction, Runtime, train_mode, validate
 from cxrcae.train.finetuning import apply_stage
 
 
@@ -238,3 +243,34 @@ def test_bench_train_step_reports_each_setting():
     )
     assert rows[0]["images_per_s"] > 0 and rows[0]["speedup"] == 1.0
     assert "fp16" in rows[1]["error"]
+
+
+def test_training_and_inference_report_a_bad_file_through_the_same_wrapper(tmp_path):
+    """One wrapper and one collate: a corrupt file in a training folder is skipped with the reason text
+    that ``iter_batches`` (predict, embed, reconstruct, evaluate) gives for the same file."""
+    folder = tmp_path / "data" / "NORMAL"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    bad = folder / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    records = load_records(tmp_path / "data")
+    assert str(bad) in [str(r.path) for r in records]
+
+    loader = make_loader(XrayDataset(records, 32), 2, shuffle=False, seed=0)
+    assert isinstance(loader.dataset, SafeDataset) and loader.collate_fn is collate_with_errors
+    batches = list(loader)
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert sum(len(b["image"]) for b in batches) == 3
+    assert [lab for b in batches for lab in b["label"].tolist()] == [0, 0, 0]
+
+    errors = [e for b in iter_batches([r.path for r in records], 32, batch_size=2) for e in b.errors]
+    assert len(errors) == 1 and errors[0][1] == str(bad)
+    reason = errors[0][2]
+    assert reason and "\n" not in reason
+    assert skipped == [f"{bad}: {reason}"]
+
+    # the engine collects it while scoring the readable images
+    torch.manual_seed(0)
+    stats = validate(ConvAutoencoder(), loader, Reconstruction(), Runtime(torch.device("cpu")))
+    assert stats.skipped == skipped and stats.images == 3

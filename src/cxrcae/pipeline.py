@@ -105,8 +105,7 @@ def run_pipeline(
         clf.best_dir,
         splits,
         split="test",
-        device=cfg.device,
-        precision=cfg.precision,
+        device=cfg.device,  # fp32, evaluate's default: test metrics must not depend on the training hardware
         n_bootstrap=cfg.n_bootstrap,
         seed=cfg.seed,
         progress=progress,

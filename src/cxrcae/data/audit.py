@@ -16,6 +16,7 @@ it can gate a pipeline.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from cxrcae._atomic import atomic_write_text
 from cxrcae.data.groups import UnionFind
 from cxrcae.data.records import Record
 from cxrcae.io import FileHashes, hash_files, load_xray, pixel_hash
@@ -373,3 +375,14 @@ def to_markdown(report: AuditReport, title: str = "Dataset audit", limit: int = 
         lines += ["", f"## Unreadable ({len(report.unreadable)})", ""]
         lines += [f"- `{p}`: {r}" for p, r in report.unreadable[:limit]]
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: AuditReport, path: str | Path, title: str = "Dataset audit") -> Path:
+    """The full report as JSON (``.json``) or Markdown (anything else), written atomically."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(report.as_dict(), indent=2, default=str) + "\n"
+    else:
+        text = to_markdown(report, title=title)
+    atomic_write_text(path, text)
+    return path

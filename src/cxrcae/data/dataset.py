@@ -1,4 +1,10 @@
-"""The torch ``Dataset`` over records: every image goes through ``cxrcae.io.load_for_model``.
+"""The torch ``Dataset`` over records, and the one way a bad file becomes a row instead of a crash.
+
+Every image goes through ``cxrcae.io.load_for_model``. ``SafeDataset`` wraps a dataset (``XrayDataset`` for
+training, the path list of ``cxrcae.infer.batches.iter_batches`` for inference) so that an item that cannot
+be read comes back as an ``Unreadable`` marker (index, path, one-line reason from ``failure_reason``);
+``collate_with_errors`` stacks the readable images of a batch and lists the unreadable ones. Training and
+inference share both, so a file is unreadable for the same reason, in the same words, everywhere.
 
 This is the only module of ``cxrcae.data`` that imports torch, so reading and splitting manifests stays
 light enough for the CLI.
@@ -7,6 +13,7 @@ light enough for the CLI.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +21,7 @@ from torch.utils.data import Dataset
 
 from cxrcae.data.records import Record
 from cxrcae.data.records import class_names as _class_names
-from cxrcae.errors import DataError
+from cxrcae.errors import CxrcaeError, DataError, ImageLoadError
 from cxrcae.io import load_for_model
 
 
@@ -52,8 +59,11 @@ class XrayDataset(Dataset):
         """Integer label per item (-1 unlabeled), for weighted samplers and class counts without decoding."""
         return list(self._labels)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def path(self, index: int) -> str:
+        """The file of item ``index``, as its item's ``"path"`` names it (no decoding)."""
+        return str(self.records[index].path)
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image = torch.from_numpy(load_for_model(record.path, self.image_size, mode=self.resize_mode))
         if self.transform is not None:
@@ -61,7 +71,7 @@ class XrayDataset(Dataset):
         return {
             "image": image,
             "label": self._labels[index],
-            "path": str(record.path),
+            "path": self.path(index),
             "patient_id": record.patient_id or "",
         }
 
@@ -70,3 +80,88 @@ class XrayDataset(Dataset):
             f"XrayDataset({len(self)} images, size={self.image_size}, resize_mode={self.resize_mode!r}, "
             f"classes={self.class_names})"
         )
+
+
+# ----------------------------------------------------------------------------------------------- bad files
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a file could not be used (no path: the row already names it)."""
+    if isinstance(exc, ImageLoadError):
+        return exc.reason
+    if isinstance(exc, CxrcaeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding"
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What ``SafeDataset`` returns in place of an item whose file could not be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class SafeDataset(Dataset):
+    """Wraps a dataset of dict items (``"image"``, ``"path"``, optionally ``"label"``) so that an item that
+    raises becomes an ``Unreadable`` marker instead of killing the epoch or the run.
+
+    Readable items come back as the wrapped dataset's dict plus ``"index"``. The marker's path comes from the
+    wrapped dataset's ``path(index)`` (``XrayDataset`` has one), else from the ``ImageLoadError``.
+
+    ``catch`` is what counts as a bad file: training catches only ``ImageLoadError`` (what the decoders raise
+    for a broken file), so a bug in, say, an augmentation still fails loudly; inference over arbitrary
+    user files catches any ``Exception`` so that one odd file never stops a batch job.
+    """
+
+    def __init__(self, dataset: Dataset, catch: tuple[type[BaseException], ...] = (Exception,)):
+        self.dataset = dataset
+        self.catch = catch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Unreadable:
+        try:
+            item = self.dataset[index]
+        except self.catch as exc:  # a bad file becomes a marker; the run goes on
+            return Unreadable(index, self._path(index, exc), failure_reason(exc))
+        return {**item, "index": index}
+
+    def _path(self, index: int, exc: BaseException) -> str:
+        path_of = getattr(self.dataset, "path", None)
+        if callable(path_of):
+            return str(path_of(index))
+        return str(getattr(exc, "path", ""))
+
+
+def collate_with_errors(items: list[dict[str, Any] | Unreadable], image_size: int | None = None) -> dict:
+    """One batch from ``SafeDataset`` items: the readable ones stacked, the unreadable ones listed.
+
+    Keys: ``"image"`` (n_ok, 3, S, S) float32, ``"label"`` (n_ok,) long (-1 where an item has none),
+    ``"index"`` and ``"path"`` of each image row, ``"errors"`` ``[(index, path, reason)]`` and ``"skipped"``
+    ``["path: reason"]`` for the unreadable items. When nothing was readable ``"image"`` is empty, shaped
+    (0, 3, S, S) when ``image_size`` is given (bind it with ``functools.partial``; that stays picklable for
+    spawned workers), else (0,).
+    """
+    good = [it for it in items if not isinstance(it, Unreadable)]
+    bad = [it for it in items if isinstance(it, Unreadable)]
+    if good:
+        image = torch.stack([it["image"] for it in good])
+    elif image_size is not None:
+        image = torch.empty((0, 3, int(image_size), int(image_size)), dtype=torch.float32)
+    else:
+        image = torch.empty(0)
+    return {
+        "image": image,
+        "label": torch.tensor([it.get("label", -1) for it in good], dtype=torch.long),
+        "index": [it["index"] for it in good],
+        "path": [it["path"] for it in good],
+        "errors": [(it.index, it.path, it.reason) for it in bad],
+        "skipped": [f"{it.path}: {it.reason}" for it in bad],
+    }

@@ -78,7 +78,7 @@ def hub_cache_dir() -> Path:
 def in_hub_cache(path: str | Path) -> bool:
     """Whether ``path`` is inside the Hugging Face cache (compared as resolved paths, never by name).
 
-    Files there are shared, read-only snapshots (symlinks into ``blobs/``): nothing may be written through them.
+    Files there are shared, read-only snapshots (symlinks into ``blobs/``): nothing is written through them.
     """
     try:
         return Path(path).expanduser().resolve().is_relative_to(hub_cache_dir().resolve())

@@ -3,7 +3,9 @@
 ``iter_batches`` is what predict, reconstruct and embed share: a ``DataLoader`` (workers decode in parallel,
 memory stays flat however many paths there are) over ``cxrcae.io.load_for_model``. A file that cannot be
 decoded does not stop the run: it comes back in the batch's ``errors`` with its input index and a one-line
-reason, so callers can emit one output row per input, in input order.
+reason (``cxrcae.data.dataset.failure_reason``, the same words training uses when it skips a file: both go
+through ``SafeDataset`` and ``collate_with_errors``), so callers can emit one output row per input, in
+input order.
 
 Contract::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrcae.errors import CheckpointError, CxrcaeError, ImageLoadError
+from cxrcae.data.dataset import SafeDataset, collate_with_errors
+from cxrcae.errors import CheckpointError, CxrcaeError
 from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.io import load_for_model
 from cxrcae.progress import ProgressFn, no_progress
@@ -49,21 +53,12 @@ class Batch:
         return len(self.indices) + len(self.errors)
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line saying why a file could not be used (no path: the row already names it)."""
-    if isinstance(exc, ImageLoadError):
-        return exc.reason
-    if isinstance(exc, CxrcaeError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory while decoding"
-    return f"unexpected {type(exc).__name__}: {exc}"
-
-
 class PathDataset(Dataset):
-    """Items ``(index, path, image | None, reason | None)``; decoding errors are caught in the worker."""
+    """Items ``{"image": (3,S,S) float32, "path": str}`` for the files of ``paths``, in order.
+
+    Decoding errors are not caught here: ``iter_batches`` wraps it in ``SafeDataset`` (the wrapper training
+    uses too), which turns them into error rows in the worker.
+    """
 
     def __init__(self, paths: Sequence[str | Path], image_size: int, resize_mode: str = "stretch"):
         self.paths = [str(p) for p in paths]
@@ -73,35 +68,16 @@ class PathDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, str, torch.Tensor | None, str | None]:
+    def path(self, index: int) -> str:
+        """The path of item ``index`` exactly as given (``SafeDataset`` names failed items with it)."""
+        return self.paths[index]
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        try:
-            image = load_for_model(path, self.image_size, mode=self.resize_mode)
-        except Exception as exc:  # any bad file becomes an error row; the run goes on
-            return index, path, None, failure_reason(exc)
-        return index, path, torch.from_numpy(image), None
-
-
-def collate_with_errors(items: list[tuple[int, str, Any, str | None]], image_size: int) -> Batch:
-    """Stack the images that decoded, keep (index, path, reason) for those that did not."""
-    ok = [(i, p, img) for i, p, img, reason in items if reason is None]
-    errors = [(i, p, reason) for i, p, img, reason in items if reason is not None]
-    if ok:
-        images = torch.stack([img for _, _, img in ok])
-    else:
-        images = torch.empty((0, 3, image_size, image_size), dtype=torch.float32)
-    return Batch(images, [i for i, _, _ in ok], [p for _, p, _ in ok], errors)
-
-
-class _Collate:
-    """Picklable collate (workers may be spawned)."""
-
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-
-    def __call__(self, items):
-        return collate_with_errors(items, self.image_size)
+        return {
+            "image": torch.from_numpy(load_for_model(path, self.image_size, mode=self.resize_mode)),
+            "path": path,
+        }
 
 
 def iter_batches(
@@ -121,14 +97,15 @@ def iter_batches(
     if len(dataset) == 0:
         return
     loader = DataLoader(
-        dataset,
+        SafeDataset(dataset),
         batch_size=batch_size,
         shuffle=False,
         num_workers=min(num_workers, max(1, -(-len(dataset) // batch_size))) if num_workers else 0,
-        collate_fn=_Collate(int(image_size)),
+        collate_fn=partial(collate_with_errors, image_size=int(image_size)),
         pin_memory=pin_memory,
     )
-    yield from loader
+    for batch in loader:
+        yield Batch(batch["image"], batch["index"], batch["path"], batch["errors"])
 
 
 def load_for_inference(model: Any, device: torch.device, kind: str = "classifier") -> tuple[Any, dict]:

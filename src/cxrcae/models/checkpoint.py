@@ -1,9 +1,9 @@
 """Local checkpoint folders: ``model.safetensors`` + ``config.json`` (+ a ``README.md`` model card).
 
-The same folder is what goes to the Hugging Face Hub; ``cxrcae.hub.resolve`` turns a Hub id into one. Loading is strict (missing or unexpected keys are
-named in the error), never unpickles anything, and checks the weights file against the sha256 recorded in
-config.json, so a folder whose files come from two different saves is refused. Every file is written to a
-temporary name and renamed into place, weights first and config last.
+The same folder is what goes to the Hugging Face Hub; ``cxrcae.hub.resolve`` turns a Hub id into one. Loading
+is strict (missing or unexpected keys are named in the error), never unpickles anything, and checks the
+weights file against the sha256 recorded in config.json, so a folder whose files come from two different saves
+is refused. Every file is written to a temporary name and renamed into place, weights first and config last.
 """
 
 from __future__ import annotations

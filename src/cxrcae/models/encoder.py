@@ -1,9 +1,10 @@
 """The X-ray-pretrained encoder as a reusable module, its input contract attached.
 
-``cxrcae.hub.resolve.load_encoder(ref)`` accepts any checkpoint kind (autoencoder, classifier, encoder-only), from a local folder
-or a Hub id, and returns a ``PretrainedEncoder``: the paper's encoder (state-dict keys ``stages.*``, identical
-to an encoder-only checkpoint and to timm's ``cxrcae_vgg_cae``) that carries ``preprocess`` and a timm-style
-``pretrained_cfg``, so a downstream project cannot feed it differently prepared pixels by accident.
+``cxrcae.hub.resolve.load_encoder(ref)`` accepts any checkpoint kind (autoencoder, classifier, encoder-only),
+from a local folder or a Hub id, and returns a ``PretrainedEncoder``: the paper's encoder (state-dict keys
+``stages.*``, identical to an encoder-only checkpoint and to timm's ``cxrcae_vgg_cae``) that carries
+``preprocess`` and a timm-style ``pretrained_cfg``, so a downstream project cannot feed it differently
+prepared pixels by accident.
 """
 
 from __future__ import annotations

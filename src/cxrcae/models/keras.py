@@ -31,9 +31,9 @@ import torch
 
 from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CheckpointError
-from cxrcae.io.resize import RESIZE_MODES
 from cxrcae.hub.card import build_card
 from cxrcae.hub.resolve import load_checkpoint
+from cxrcae.io.resize import RESIZE_MODES
 from cxrcae.models.cae import DECODER_CHANNELS, ENCODER_CHANNELS, REDUCTION
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.models.factory import build_model

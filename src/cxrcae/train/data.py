@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from cxrcae.data import Record, dataset_fingerprint, load_records, write_records
 from cxrcae.data.dataset import SafeDataset, collate_with_errors
 from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
-from cxrcae.errors import DataError
+from cxrcae.errors import DataError, ImageLoadError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import make_generator, worker_init_fn
 
@@ -236,7 +236,7 @@ def make_loader(
         )
         shuffle = False
     return DataLoader(
-        SafeDataset(dataset),
+        SafeDataset(dataset, catch=(ImageLoadError,)),
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,

@@ -56,7 +56,7 @@ def audit_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.data import load_records
-    from cxrcae.data.audit import LEAKAGE_EXIT_CODE, audit_records, to_markdown
+    from cxrcae.data.audit import LEAKAGE_EXIT_CODE, audit_records, write_report
     from cxrcae.errors import DataError
 
     try:  # class folders and labelled CSVs keep their labels; anything else is audited unlabeled
@@ -72,13 +72,7 @@ def audit_command(
             progress=progress,
         )
     if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        if report.suffix.lower() == ".json":
-            import json
-
-            report.write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-        else:
-            report.write_text(to_markdown(result, title=f"Audit of {data}"), encoding="utf-8")
+        write_report(result, report, title=f"Audit of {data}")
 
     if json_out:
         print_json({"data": str(data), **result.as_dict()})
