@@ -34,29 +34,58 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+class AtomicFile:
+    """A file written under a temporary name beside ``path``; ``commit()`` (fsync, permissions, rename)
+    makes it appear complete, ``discard()`` removes it. For writers that stream rows over a long run and
+    decide at the end (or when interrupted) whether what they have is worth keeping."""
+
+    def __init__(self, path: str | Path, mode: str = "w", **kwargs: Any):
+        if mode not in ("w", "wb", "w+b"):
+            raise ValueError(f"AtomicFile writes whole files; mode {mode!r} is not 'w', 'wb' or 'w+b'")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "w":
+            kwargs.setdefault("encoding", "utf-8")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.file: IO[Any] = os.fdopen(fd, mode, **kwargs)
+        except BaseException:
+            os.close(fd)
+            Path(self.tmp).unlink(missing_ok=True)
+            raise
+
+    def commit(self) -> Path:
+        try:
+            if not self.file.closed:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+            os.chmod(self.tmp, _file_mode(self.path))
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """``with atomic_open(path, "w") as f: ...``: ``path`` appears, complete, only if the block succeeds.
 
     ``mode`` is "w" (text; ``newline``/``encoding`` pass through, utf-8 by default) or "wb".
     """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files; mode {mode!r} is not 'w' or 'wb'")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if mode == "w":
-        kwargs.setdefault("encoding", "utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target = AtomicFile(path, mode, **kwargs)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
+        yield target.file
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        target.discard()
         raise
+    target.commit()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrcae._atomic import atomic_open
 from cxrcae.errors import DataError
 from cxrcae.io import IMAGE_EXTENSIONS, find_images
 
@@ -194,26 +194,20 @@ def write_records(records: Sequence[Record], path: str | Path) -> Path:
     has_split = any(r.split is not None for r in records)
     columns = [*CORE_COLUMNS, *extra_columns, *([SPLIT_COLUMN] if has_split else [])]
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            for r in records:
-                row = {
-                    "path": _relative_to(_abspath(r.path), folder),
-                    "label": r.label if r.label is not None else UNLABELED,
-                    "patient_id": r.patient_id or "",
-                    "source": r.source or "",
-                    **{c: r.extra.get(c, "") for c in extra_columns},
-                }
-                if has_split:
-                    row[SPLIT_COLUMN] = r.split or ""
-                writer.writerow(row)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for r in records:
+            row = {
+                "path": _relative_to(_abspath(r.path), folder),
+                "label": r.label if r.label is not None else UNLABELED,
+                "patient_id": r.patient_id or "",
+                "source": r.source or "",
+                **{c: r.extra.get(c, "") for c in extra_columns},
+            }
+            if has_split:
+                row[SPLIT_COLUMN] = r.split or ""
+            writer.writerow(row)
     return out
 
 

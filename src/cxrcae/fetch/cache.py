@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_cache_dir
 
+from cxrcae._atomic import atomic_open
 from cxrcae.errors import DataError
 
 INDEX_VERSION = 1
@@ -90,15 +90,8 @@ class CacheIndex:
             self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": INDEX_VERSION, "sources": self.entries}, f, indent=2, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(self.path, "w") as f:
+            json.dump({"version": INDEX_VERSION, "sources": self.entries}, f, indent=2, sort_keys=True)
 
 
 def tree_stats(root: Path) -> tuple[int, int]:

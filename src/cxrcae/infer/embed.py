@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import struct
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrcae._atomic import AtomicFile
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import load_encoder
 from cxrcae.infer.batches import iter_batches
@@ -86,10 +86,6 @@ def index_path(output: str | Path) -> Path:
     return output.with_name(f"{output.stem}.index.csv")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 # ----------------------------------------------------------------------------------------------- writers
 
 
@@ -99,8 +95,8 @@ class _NpyWriter:
     HEADER = 128
 
     def __init__(self, path: Path, metadata: dict[str, str]):
-        self.path, self.tmp = path, _tmp(path)
-        self.f = open(self.tmp, "wb")
+        self.target = AtomicFile(path, "w+b")
+        self.f = self.target.file
         self.f.write(b"\0" * self.HEADER)
         self.rows = 0
         self.shape: tuple[int, ...] = ()
@@ -118,8 +114,7 @@ class _NpyWriter:
             raise CxrcaeError("feature shape too long for the .npy header")  # pragma: no cover
         self.f.seek(0)
         self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10) + body + b" " * pad + b"\n")
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        self.target.commit()
 
 
 class _SafetensorsWriter:
@@ -132,9 +127,9 @@ class _SafetensorsWriter:
     RESERVED = 8192
 
     def __init__(self, path: Path, metadata: dict[str, str]):
-        self.path, self.tmp = path, _tmp(path)
+        self.target = AtomicFile(path, "w+b")
         self.metadata = metadata
-        self.f = open(self.tmp, "wb")
+        self.f = self.target.file
         self.f.write(b"\0" * (8 + self.RESERVED))
         self.rows = 0
         self.nbytes = 0
@@ -166,15 +161,14 @@ class _SafetensorsWriter:
             raise CxrcaeError("safetensors metadata too long")  # pragma: no cover
         self.f.seek(0)
         self.f.write(struct.pack("<Q", self.RESERVED) + text + b" " * (self.RESERVED - len(text)))
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        self.target.commit()
 
 
 class _ParquetWriter:
     """Columns index (int64), path (string), features (fixed-size list of float32, flattened per row)."""
 
     def __init__(self, path: Path, metadata: dict[str, str]):
-        self.path, self.tmp = path, _tmp(path)
+        self.target = AtomicFile(path, "wb")
         self.metadata = metadata
         self.writer = None
         self.rows = 0
@@ -194,7 +188,7 @@ class _ParquetWriter:
         if self.writer is None:
             meta = {**self.metadata, "feature_shape": json.dumps(list(self.shape))}
             schema = table.schema.with_metadata({k: str(v) for k, v in meta.items()})
-            self.writer = pq.ParquetWriter(self.tmp, schema)
+            self.writer = pq.ParquetWriter(self.target.file, schema)
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
         self.rows += len(features)
 
@@ -206,10 +200,10 @@ class _ParquetWriter:
             schema = pa.schema(
                 [("index", pa.int64()), ("path", pa.string()), ("features", pa.list_(pa.float32()))]
             )
-            pq.write_table(schema.empty_table().replace_schema_metadata(self.metadata), self.tmp)
+            pq.write_table(schema.empty_table().replace_schema_metadata(self.metadata), self.target.file)
         else:
             self.writer.close()
-        os.replace(self.tmp, self.path)
+        self.target.commit()
 
 
 _WRITERS = {"npy": _NpyWriter, "safetensors": _SafetensorsWriter, "parquet": _ParquetWriter}
@@ -258,7 +252,8 @@ def embed(
     start = time.perf_counter()
     done = 0
     try:
-        with open(_tmp(idx_path), "w", newline="", encoding="utf-8") as index_file:
+        index_target = AtomicFile(idx_path, "w", newline="")
+        with index_target.file as index_file:
             index = csv.writer(index_file)
             index.writerow(INDEX_COLUMNS)
             try:
@@ -286,7 +281,7 @@ def embed(
     finally:  # also on Ctrl-C: keep (and finalise) every row already computed
         writer.shape = writer.shape or _feature_shape(encoder, pooled)
         writer.close()
-        os.replace(_tmp(idx_path), idx_path)
+        index_target.commit()
     return EmbedResult(
         output=output,
         index_csv=idx_path,

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cxrcae._atomic import AtomicFile
 from cxrcae.errors import CxrcaeError
 
 FORMATS = (".csv", ".json", ".jsonl")
@@ -42,14 +41,13 @@ class PredictionWriter:
         self.class_names = list(class_names)
         self.columns = [*BASE_COLUMNS, *(prob_column(c) for c in self.class_names), *TAIL_COLUMNS]
         self.count = 0
+        self._target: AtomicFile | None = None
         self._file: Any = None
-        self._tmp: str | None = None
         self._csv: Any = None
 
     def __enter__(self) -> PredictionWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self._target = AtomicFile(self.path, "w", newline="")
+        self._file = self._target.file
         if self.format == ".csv":
             self._csv = csv.DictWriter(self._file, fieldnames=self.columns, lineterminator="\n")
             self._csv.writeheader()
@@ -77,18 +75,12 @@ class PredictionWriter:
         return flat
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and self.format == ".json":
-                self._file.write("\n]\n" if self.count else "]\n")
-            self._file.flush()
-            if exc_type is None:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp and os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+        if exc_type is not None:  # an interrupted run leaves the previous output (if any) untouched
+            self._target.discard()
+            return
+        if self.format == ".json":
+            self._file.write("\n]\n" if self.count else "]\n")
+        self._target.commit()
 
 
 def _cell(value: Any) -> Any:
