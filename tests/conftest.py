@@ -31,6 +31,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("CXRCAE_PROBE", "off")  # auto = fp32 + NHWC; the probe itself is tested on its own
     # huggingface_hub reads its settings once, at import, into huggingface_hub.constants (which cxrcae uses)
     monkeypatch.setattr(hf_constants, "HF_HOME", str(home / "hf"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))

@@ -1,4 +1,8 @@
-"""Where and how tensors run: device choice, mixed precision and seeding, decided in one place.
+"""Where and how tensors run: device choice, mixed precision, memory layout and seeding, in one place.
+
+``auto`` precision and layout on CPU come from measuring, not from CPU flags: the first time they are needed a
+short probe times the CAE training step in each setting, and the answer is kept per machine in
+``$CXRCAE_HOME/probe/``.
 
 Every command that runs a model resolves ``--device`` and ``--precision`` here, so "auto" means the same
 thing for training, evaluation, prediction and benchmarks.
@@ -6,17 +10,33 @@ thing for training, evaluation, prediction and benchmarks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from platformdirs import user_cache_dir
 
+from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CxrcaeError
+from cxrcae.models.cae import ConvAutoencoder
 
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
+PROBE_ENV = "CXRCAE_PROBE"
+"""``CXRCAE_PROBE=off`` skips the speed probe: ``auto`` then means fp32 with channels_last."""
+PROBE_VERSION = 1
+PROBE_SIZE = 128
+BF16_MARGIN = 1.15
+"""bf16 is chosen only where the probe measures it at least this much faster than the best fp32 layout."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -65,26 +85,118 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def cpu_bf16_fast() -> bool:
-    """bf16 autocast pays off on CPUs with AMX tiles (Sapphire Rapids and later).
+def home_dir() -> Path:
+    """``$CXRCAE_HOME``, else the platform's user cache dir for cxrcae (datasets, probe results)."""
+    env = os.environ.get("CXRCAE_HOME")
+    return Path(env).expanduser() if env else Path(user_cache_dir("cxrcae"))
 
-    Measured on an avx512_bf16 CPU without AMX (the project's dev machine): the CAE training step at
-    224 px, batch 16, ran at 3.7 img/s in bf16 + channels_last vs 5.4 img/s in fp32 + channels_last, so
-    oneDNN's bf16 support alone (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is not a reason to use it.
-    """
+
+# ----------------------------------------------------------------------------------------------- speed probe
+
+
+def machine_key() -> str:
+    """What the probe's answer depends on: CPU model, kernel ISA (``ATEN_CPU_CAPABILITY`` and oneDNN's limit
+    included), thread count and torch version. A different machine or setting gets a fresh probe."""
+    model = platform.processor()
     try:
-        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    parts = [
+        model,
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+        os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        str(torch.get_num_threads()),
+        str(PROBE_VERSION),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _probe_model(channels_last: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The paper's CAE at ``PROBE_SIZE`` px, batch 2: every layer shape the training step runs."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = ConvAutoencoder().to(memory_format=fmt)
+    return net, torch.rand(2, 3, PROBE_SIZE, PROBE_SIZE).contiguous(memory_format=fmt)
+
+
+def _time_setting(dtype: torch.dtype | None, channels_last: bool, reps: int = 3) -> float:
+    """Median seconds of one forward + backward + SGD step of the probe model."""
+    net, x = _probe_model(channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    times = []
+    for i in range(reps + 1):
+        start = time.perf_counter()
+        with autocast(torch.device("cpu"), dtype):
+            loss = F.mse_loss(net(x).float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms the kernels up
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def probe_cpu(timer: Callable[[torch.dtype | None, bool], float] = _time_setting) -> dict[str, Any]:
+    """Time the CAE training step in fp32 (NCHW and NHWC) and, where oneDNN has bf16, in bf16 (NHWC);
+    return the fastest fp32 layout and whether bf16 beats it by ``BF16_MARGIN``. Takes a few seconds."""
+    settings = {"fp32:nchw": (None, False), "fp32:nhwc": (None, True)}
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        settings["bf16:nhwc"] = (torch.bfloat16, True)
+    seconds = {name: timer(*setting) for name, setting in settings.items()}
+    fp32 = min(("fp32:nchw", "fp32:nhwc"), key=seconds.__getitem__)
+    bf16 = "bf16:nhwc" in seconds and seconds[fp32] / seconds["bf16:nhwc"] >= BF16_MARGIN
+    return {
+        "version": PROBE_VERSION,
+        "seconds": seconds,
+        "precision": "bf16" if bf16 else "fp32",
+        "channels_last": True if bf16 else fp32 == "fp32:nhwc",
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def cpu_choice() -> dict[str, Any]:
+    """The probe's answer for this machine: read from ``$CXRCAE_HOME/probe/<machine>.json``, measured (and
+    saved) on first use. ``CXRCAE_PROBE=off`` skips it (fp32, channels_last)."""
+    if os.environ.get(PROBE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return {"precision": "fp32", "channels_last": True, "source": "default (CXRCAE_PROBE=off)"}
+    path = home_dir() / "probe" / f"{machine_key()}.json"
+    try:
+        cached = json.loads(path.read_text("utf-8"))
+        if cached.get("version") == PROBE_VERSION:
+            return {**cached, "source": str(path)}
+    except (OSError, ValueError):
+        pass
+    result = probe_cpu()
+    try:
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only home only means probing again next time
+    return {**result, "source": "measured now"}
+
+
+def resolve_channels_last(channels_last: bool | None, device: torch.device) -> bool:
+    """``None`` (auto) = what the probe measured faster on this CPU; NHWC on GPUs."""
+    if channels_last is not None:
+        return bool(channels_last)
+    return bool(cpu_choice()["channels_last"]) if device.type == "cpu" else True
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether bf16 autocast is measured faster than fp32 on this CPU (``cpu_choice``), not assumed from CPU
+    flags: on an avx512_bf16 CPU without AMX bf16 was slower (3.7 vs 5.4 img/s for the CAE step)."""
+    return cpu_choice()["precision"] == "bf16"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32 (no autocast).
 
-    ``auto`` = bf16 where the hardware runs it faster than fp32 (CUDA/MPS with bf16, CPUs with AMX), else
-    fp32. fp16 needs a GPU: on CPU it is
+    ``auto`` = bf16 where the hardware runs it faster than fp32 (CUDA/MPS with bf16; on CPU where the speed
+    probe measured it faster), else fp32. fp16 needs a GPU: on CPU it is
     refused with a clear error (CPU fp16 autocast is slow and gives no speed-up).
     """
     precision = (precision or "auto").strip().lower()

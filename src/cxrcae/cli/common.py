@@ -36,7 +36,8 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto (bf16 where faster: CUDA GPUs, CPUs with AMX; else fp32), fp32, bf16, fp16 (GPU only).",
+        help="auto (bf16 where faster: CUDA GPUs, CPUs where the speed probe measured it faster; else "
+        "fp32), fp32, bf16, fp16 (GPU only).",
     ),
 ]
 EvalPrecisionOpt = Annotated[

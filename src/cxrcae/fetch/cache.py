@@ -18,21 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_cache_dir
-
 from cxrcae._atomic import atomic_open
 from cxrcae.errors import DataError
+from cxrcae.runtime import home_dir
 
 INDEX_VERSION = 1
-
-
-def home_dir() -> Path:
-    """``$CXRCAE_HOME``, else the platform's user cache dir for cxrcae."""
-    env = os.environ.get("CXRCAE_HOME")
-    if env:
-        return Path(env).expanduser()
-
-    return Path(user_cache_dir("cxrcae"))
 
 
 def datasets_dir() -> Path:

@@ -56,7 +56,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | None = None
+    """NHWC memory format; None (auto) = whichever layout the machine's speed probe measured faster."""
     num_workers: int = 0
     limit_batches: int | None = None
     """Train and validate on at most this many batches per epoch (smoke runs)."""

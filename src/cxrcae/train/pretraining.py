@@ -21,7 +21,14 @@ from cxrcae.data import XrayDataset
 from cxrcae.errors import ImageLoadError
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import autocast, precision_name, reproducible, resolve_device, resolve_precision
+from cxrcae.runtime import (
+    autocast,
+    precision_name,
+    reproducible,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import TrainData, augmentation, pretrain_data
 from cxrcae.train.engine import (
@@ -66,7 +73,7 @@ def run_pretrain(
 
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
-    rt = Runtime(device, dtype, cfg.channels_last)
+    rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device))
     model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
 
     train_set = XrayDataset(
@@ -75,7 +82,7 @@ def run_pretrain(
     val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [])
     objective = Reconstruction()  # also measures the mean-image baseline during the first validation
     data_summary = tdata.summary()
-    used = {"device": str(device), "precision": precision_name(dtype)}
+    used = {"device": str(device), "precision": precision_name(dtype), "channels_last": rt.channels_last}
 
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         return {

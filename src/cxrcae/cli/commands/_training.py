@@ -25,10 +25,11 @@ LimitBatchesOpt = Annotated[
     typer.Option("--limit-batches", min=1, help="At most N train and N val batches per epoch (smoke runs)."),
 ]
 ChannelsLastOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--channels-last/--no-channels-last",
-        help="NHWC memory format for the convolutions (much faster on CPU).",
+        help="NHWC memory format for the convolutions.",
+        show_default="whichever this machine's speed probe measured faster (kept in $CXRCAE_HOME/probe)",
         rich_help_panel=RUNTIME,
     ),
 ]

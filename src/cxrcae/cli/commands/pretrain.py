@@ -66,7 +66,7 @@ def pretrain_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    channels_last: ChannelsLastOpt = True,
+    channels_last: ChannelsLastOpt = None,
     num_workers: TrainWorkersOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
