@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cxrcae.data import (
@@ -313,3 +314,29 @@ def test_failure_reason_is_one_line_without_the_path():
     assert failure_reason(DataError("bad manifest")) == "bad manifest"
     assert failure_reason(MemoryError()) == "out of memory while decoding"
     assert failure_reason(KeyError("k")) == "unexpected KeyError: 'k'"
+
+
+def test_decoded_cache_decodes_each_file_once_and_matches_the_decoder(tmp_path, monkeypatch):
+    import numpy as np
+
+    import cxrcae.io.decoded as decoded_module
+    from conftest import FIXTURE_DATA
+    from cxrcae.data import XrayDataset, load_records
+    from cxrcae.io import load_for_model
+    from cxrcae.io.decoded import DecodedCache
+
+    records = load_records(FIXTURE_DATA / "cxr" / "manifest.csv")[:4]
+    calls = []
+    real = decoded_module.load_for_model
+    monkeypatch.setattr(decoded_module, "load_for_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cache = DecodedCache(tmp_path / "decoded")
+    data = XrayDataset(records, 64, "pad", decoded=cache)
+    first = [data[i]["image"] for i in range(len(data))]
+    again = [data[i]["image"] for i in range(len(data))]
+    assert len(calls) == len(records)  # the second epoch never decoded
+    for rec, a, b in zip(records, first, again):
+        assert torch.equal(a, b)  # epoch 1 already sees the cached (uint16) values
+        np.testing.assert_allclose(a.numpy(), load_for_model(rec.path, 64, "pad"), atol=1 / 65535)
+    # another size (or resize mode, or a modified file) is another entry
+    DecodedCache(tmp_path / "decoded").load(records[0].path, 32, "pad")
+    assert len(calls) == len(records) + 1

@@ -23,6 +23,7 @@ from cxrcae.data.records import Record
 from cxrcae.data.records import class_names as _class_names
 from cxrcae.errors import CxrcaeError, DataError, ImageLoadError
 from cxrcae.io import load_for_model
+from cxrcae.io.decoded import DecodedCache
 
 
 class XrayDataset(Dataset):
@@ -30,7 +31,8 @@ class XrayDataset(Dataset):
 
     ``label`` indexes ``class_names`` (sorted labels of ``records`` unless given, e.g. from a checkpoint);
     it is -1 for unlabeled images and for labels outside ``class_names``. ``transform`` (augmentation)
-    receives and returns the image tensor.
+    receives and returns the image tensor. With ``decoded`` (a ``DecodedCache``) each file is decoded once and
+    read back from the cache afterwards; augmentation still runs on every access.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class XrayDataset(Dataset):
         resize_mode: str = "stretch",
         class_names: Sequence[str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decoded: DecodedCache | None = None,
     ):
         if image_size < 1:
             raise DataError(f"image size must be a positive number of pixels, got {image_size}")
@@ -48,6 +51,7 @@ class XrayDataset(Dataset):
         self.resize_mode = resize_mode
         self.class_names = list(class_names) if class_names is not None else _class_names(self.records)
         self.transform = transform
+        self.decoded = decoded
         index = {name: i for i, name in enumerate(self.class_names)}
         self._labels = [index.get(r.label, -1) if r.label is not None else -1 for r in self.records]
 
@@ -65,7 +69,11 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = torch.from_numpy(load_for_model(record.path, self.image_size, mode=self.resize_mode))
+        if self.decoded is not None:
+            array = self.decoded.load(record.path, self.image_size, self.resize_mode)
+        else:
+            array = load_for_model(record.path, self.image_size, mode=self.resize_mode)
+        image = torch.from_numpy(array)
         if self.transform is not None:
             image = self.transform(image)
         return {

@@ -63,6 +63,8 @@ class TrainConfig:
     """Train and validate on at most this many batches per epoch (smoke runs)."""
     resize_mode: str = "pad"
     augment: bool = False
+    cache_decoded: bool = True
+    """Decode each image once into ``$CXRCAE_HOME/decoded`` (resized, uint16); later epochs read it back."""
     patience: int = 20
     min_delta: float = 1e-4
 

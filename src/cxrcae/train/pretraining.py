@@ -19,10 +19,12 @@ import torch
 
 from cxrcae.data import XrayDataset
 from cxrcae.errors import ImageLoadError
+from cxrcae.io.decoded import DecodedCache
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import (
     autocast,
+    home_dir,
     precision_name,
     reproducible,
     resolve_channels_last,
@@ -76,10 +78,10 @@ def run_pretrain(
     rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device))
     model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
 
-    train_set = XrayDataset(
-        tdata.train, cfg.image_size, cfg.resize_mode, [], transform=augmentation() if cfg.augment else None
-    )
-    val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [])
+    decoded = DecodedCache(home_dir() / "decoded") if cfg.cache_decoded else None
+    transform = augmentation() if cfg.augment else None
+    train_set = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, [], transform, decoded)
+    val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [], decoded=decoded)
     objective = Reconstruction()  # also measures the mean-image baseline during the first validation
     data_summary = tdata.summary()
     used = {"device": str(device), "precision": precision_name(dtype), "channels_last": rt.channels_last}

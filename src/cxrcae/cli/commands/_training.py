@@ -49,6 +49,14 @@ AugmentOpt = Annotated[
         help="Light augmentation: rotation +-5 deg, shift 5%, scale +-5%, brightness/contrast +-10%.",
     ),
 ]
+CacheDecodedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache-decoded/--no-cache-decoded",
+        help="Decode each image once into $CXRCAE_HOME/decoded (resized) so later epochs skip decoding.",
+        rich_help_panel=RUNTIME,
+    ),
+]
 ResumeOpt = Annotated[
     Path | None,
     typer.Option(

@@ -11,6 +11,7 @@ from cxrcae.cli.app import app
 from cxrcae.cli.commands._training import (
     AugmentOpt,
     BatchSizeOpt,
+    CacheDecodedOpt,
     ChannelsLastOpt,
     ImageSizeOpt,
     LimitBatchesOpt,
@@ -73,6 +74,7 @@ def finetune_command(
         str, typer.Option("--resize-mode", help="stretch (as the authors' fine-tuning) or pad.")
     ] = "stretch",
     augment: AugmentOpt = False,
+    cache_decoded: CacheDecodedOpt = True,
     balance: Annotated[
         str,
         typer.Option(

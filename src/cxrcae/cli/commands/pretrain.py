@@ -11,6 +11,7 @@ from cxrcae.cli.app import app
 from cxrcae.cli.commands._training import (
     AugmentOpt,
     BatchSizeOpt,
+    CacheDecodedOpt,
     ChannelsLastOpt,
     ImageSizeOpt,
     LimitBatchesOpt,
@@ -61,6 +62,7 @@ def pretrain_command(
         str, typer.Option("--resize-mode", help="pad (letterbox, as the authors' pretraining) or stretch.")
     ] = "pad",
     augment: AugmentOpt = False,
+    cache_decoded: CacheDecodedOpt = True,
     limit_batches: LimitBatchesOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = 0,
