@@ -52,6 +52,7 @@ COMMAND_ORDER = (
     "calibrate",
     "reconstruct",
     "embed",
+    "export",
     "push",
     "pull",
     "import-keras",

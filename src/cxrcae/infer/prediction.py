@@ -7,6 +7,10 @@ that cannot be read becomes an ``error`` row with its reason; a non-image file m
 becomes a ``skipped`` row. ``predict`` is the notebook form returning a list.
 
 Probabilities are ``softmax(logits / T)`` with the checkpoint's calibrated temperature T (1 if none).
+
+``backend="onnxruntime"`` runs the same batches through the checkpoint's exported ``model.onnx``
+(``cxrcae.infer.onnx``; exported on the fly into a temporary file when the folder has none) on the CPU:
+rows are the same, Grad-CAM is not available there.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ import torch
 from torch import nn
 
 from cxrcae import bundled
+from cxrcae.errors import CxrcaeError
 from cxrcae.eval.calibration import model_temperature
 from cxrcae.eval.explain import GradCAM, save_overlay
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
+from cxrcae.infer.onnx import onnx_classifier, require_onnxruntime
 from cxrcae.io import find_images
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
 
 UNCERTAIN = "uncertain"
+BACKENDS = ("torch", "onnxruntime")
 _NOT_FOUND = ("no such file or directory", "no match")
 
 
@@ -114,13 +121,19 @@ def iter_predictions(
     threshold: float | None = None,
     explain_dir: str | Path | None = None,
     recursive: bool = True,
+    backend: str = "torch",
     progress: ProgressFn = no_progress,
 ) -> Iterator[Prediction]:
     """Yield one ``Prediction`` per input file, in input order (see the module docstring)."""
 
-    dev = resolve_device(device)
-    net, config = load_for_inference(resolve_model_ref(model), dev, kind="classifier")
-    dtype = resolve_precision(precision, dev)
+    runner = None
+    if _check_backend(backend, device, precision, explain_dir) == "onnxruntime":
+        runner, config = onnx_classifier(resolve_model_ref(model), progress=progress)
+        net, dev, dtype = None, torch.device("cpu"), None
+    else:
+        dev = resolve_device(device)
+        net, config = load_for_inference(resolve_model_ref(model), dev, kind="classifier")
+        dtype = resolve_precision(precision, dev)
     names = list(config["class_names"])
     temperature = model_temperature(config)
     k = len(names) if top_k is None else max(1, min(int(top_k), len(names)))
@@ -148,6 +161,8 @@ def iter_predictions(
             images = batch.images.to(dev, non_blocking=True)
             if explainer is not None:
                 logits, cams = explainer(images)
+            elif runner is not None:
+                logits = torch.from_numpy(runner(batch.images.numpy()))
             else:
                 with torch.inference_mode(), autocast(dev, dtype):
                     logits = net(images)
@@ -167,6 +182,27 @@ def iter_predictions(
     yield from flush(total)
     rate = len(to_decode) / max(time.perf_counter() - start, 1e-9)
     progress("predict", total, total, f"{rate:.1f} img/s" if to_decode else "")
+
+
+def _check_backend(backend: str, device: str, precision: str, explain_dir: Any) -> str:
+    """The backend's name, after refusing what it cannot do (before any model is loaded)."""
+    name = str(backend or "torch").strip().lower()
+    if name not in BACKENDS:
+        raise CxrcaeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if name == "onnxruntime":
+        if explain_dir is not None:
+            raise CxrcaeError(
+                "Grad-CAM (--explain) needs gradients, which only the torch backend has; "
+                "drop --explain or use --backend torch"
+            )
+        if str(device or "auto").strip().lower() not in ("auto", "cpu"):
+            raise CxrcaeError(f"the onnxruntime backend runs on the CPU; drop --device {device} or use torch")
+        if str(precision or "auto").strip().lower() not in ("auto", "fp32"):
+            raise CxrcaeError(
+                f"the onnxruntime backend runs in fp32; drop --precision {precision} or use torch"
+            )
+        require_onnxruntime()
+    return name
 
 
 def _make_prediction(path: str, probs, names: Sequence[str], k: int, threshold: float | None) -> Prediction:

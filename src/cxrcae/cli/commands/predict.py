@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,11 @@ from cxrcae.cli.common import (
     workers_or_default,
 )
 from cxrcae.errors import EXIT_SOME_FAILED
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
 
 
 @app.command("predict")
@@ -63,6 +69,14 @@ def predict_command(
     ] = 50,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            "--backend",
+            help="torch, or onnxruntime (CPU, fp32; uses MODEL/model.onnx from `cxrcae export --onnx`, "
+            "exported on the fly when absent; no --explain).",
+        ),
+    ] = Backend.torch,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -100,6 +114,7 @@ def predict_command(
             threshold=threshold,
             explain_dir=explain,
             recursive=recursive,
+            backend=backend.value,
             progress=progress,
         )
         for pred in stream:
