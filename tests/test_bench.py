@@ -6,10 +6,92 @@ import json
 import sys
 
 import pytest
+import torch
 
 import cxrcae.bench
-from cxrcae.bench import bench_train_step, keras_reference, run_bench
+import cxrcae.io.decoded
+from cxrcae.bench import (
+    bench_pipeline,
+    bench_train_step,
+    count_flops,
+    keras_reference,
+    run_bench,
+    train_flops,
+)
 from cxrcae.errors import CxrcaeError
+from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+from cxrcae.train.finetuning import apply_stage
+
+# The paper's CAE at 224 px, from its layer shapes (models/cae.py), in multiply-adds (MACs) per image.
+# Encoder: 3x3 'same' convolutions, H_out*W_out*C_out*C_in*9; (C_in, C_out, output side).
+ENCODER = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 256, 56), (256, 512, 28), (512, 512, 14)]
+ENCODER_MACS = [side * side * c_out * c_in * 9 for c_in, c_out, side in ENCODER]
+# Decoder: 3x3 stride-2 transposed convolutions, H_in*W_in*C_in*C_out*9 (each input pixel spreads over a
+# 3x3 window); (C_in, C_out, input side).
+DECODER = [(512, 512, 7), (512, 256, 14), (256, 128, 28), (128, 64, 56), (64, 3, 112)]
+DECODER_MACS = [side * side * c_in * c_out * 9 for c_in, c_out, side in DECODER]
+# = 5,173,346,304 + 830,914,560 MACs: 12.0 GFLOP per forward pass (FLOPs = 2 x MACs)
+CAE_FORWARD = 2 * (sum(ENCODER_MACS) + sum(DECODER_MACS))
+# Training: forward + weight gradient + input gradient, 3x forward, for every layer but conv1, whose input
+# (the image) needs no gradient: 35.85 GFLOP, the "about 36 GFLOP per 224 px training image".
+CAE_TRAIN = 3 * CAE_FORWARD - 2 * ENCODER_MACS[0]
+# The proposed head at 224 px: LSTM(512) over 7*7 = 49 tokens of 512 features (4 gates, input and
+# recurrent products), then Dense(25088 -> 64) and Dense(64 -> 3).
+TOKENS = 7 * 7
+LSTM_INPUT_MACS = TOKENS * 4 * 512 * 512  # W_ih x_t
+LSTM_RECURRENT_MACS = TOKENS * 4 * 512 * 512  # W_hh h_(t-1)
+DENSE_MACS = TOKENS * 512 * 64 + 64 * 3
+HEAD_FORWARD = 2 * (LSTM_INPUT_MACS + LSTM_RECURRENT_MACS + DENSE_MACS)
+
+
+def test_cae_flops_at_224_follow_from_the_layer_shapes():
+    count = train_flops("pretrain", 224)
+    assert count.forward == pytest.approx(CAE_FORWARD, rel=0.01)
+    assert count.train == pytest.approx(CAE_TRAIN, rel=0.01)
+    assert count.train / 1e9 == pytest.approx(36, rel=0.01)
+    assert count.forward / 1e9 == pytest.approx(12.0, rel=0.01)
+    assert [layer.kind for layer in count.layers] == ["Conv2d"] * 6 + ["ConvTranspose2d"] * 5
+    conv1 = count.layers[0]
+    assert conv1.weight_grad == conv1.forward and conv1.input_grad == 0
+    assert all(layer.train == 3 * layer.forward for layer in count.layers[1:])
+
+
+def test_a_frozen_encoder_costs_its_forward_pass_only():
+    encoder_forward = 2 * sum(ENCODER_MACS)
+    frozen = train_flops("finetune-frozen", 224)
+    assert frozen.forward == pytest.approx(encoder_forward + HEAD_FORWARD, rel=0.01)
+    # frozen encoder: forward only; the LSTM's input (the features) needs no gradient, but the gradient
+    # still runs back through time (recurrent products); the dense layers get all three
+    head_train = 2 * (2 * (LSTM_INPUT_MACS + LSTM_RECURRENT_MACS) + LSTM_RECURRENT_MACS + 3 * DENSE_MACS)
+    assert frozen.train == pytest.approx(encoder_forward + head_train, rel=0.01)
+    assert all(
+        layer.weight_grad == layer.input_grad == 0
+        for layer in frozen.layers
+        if layer.name.startswith("encoder.")
+    )
+    everything = train_flops("finetune", 224)
+    assert everything.train == pytest.approx(
+        3 * (encoder_forward + HEAD_FORWARD) - 2 * ENCODER_MACS[0], rel=0.01
+    )
+
+    # gradual unfreezing, stage conv5: conv1-4 forward only; conv5 gets its weight gradient, not its input's
+    model = CXRClassifier(CAEEncoder(), build_head("lstm", 3, 224))
+    apply_stage(model, "conv5")
+    by_name = {layer.name: layer for layer in count_flops(model, 224).layers}
+    grads = {
+        n: (by_name[f"encoder.stages.{n}"].weight_grad > 0, by_name[f"encoder.stages.{n}"].input_grad > 0)
+        for n in ("conv4", "conv5", "conv6")
+    }
+    assert grads == {"conv4": (False, False), "conv5": (True, False), "conv6": (True, True)}
+
+
+def test_count_flops_leaves_the_model_alone():
+    model = CXRClassifier(CAEEncoder(), build_head("lstm", 3, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = count_flops(model, 64)
+    assert count.image_size == 64 and count.forward > 0
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune-frozen", "finetune"])
@@ -19,6 +101,74 @@ def test_train_step_rows(task):
     )
     assert rows[0]["images_per_s"] > 0 and rows[0]["speedup"] == 1.0 and rows[0]["loss"] == rows[0]["loss"]
     assert "error" in rows[1]  # fp16 autocast is refused on CPU with a reason
+    row, flops = rows[0], train_flops(task, 32)
+    assert row["train_gflop"] == flops.train / 1e9 and row["forward_gflop"] == flops.forward / 1e9
+    assert row["gflops"] == pytest.approx(row["images_per_s"] * flops.train / 1e9)
+    assert row["forward_images_per_s"] == pytest.approx(2 / row["forward_s"])
+    assert row["forward_gflops"] == pytest.approx(row["forward_images_per_s"] * flops.forward / 1e9)
+    assert row["forward_fraction"] == pytest.approx(row["gflops"] / row["forward_gflops"])
+
+
+def test_pipeline_passes_decode_once_then_read_the_cache(monkeypatch, mini_folder):
+    decoded = []
+    real = cxrcae.io.decoded.load_for_model
+
+    def counting(path, *args, **kwargs):
+        decoded.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cxrcae.io.decoded, "load_for_model", counting)
+    rows = bench_pipeline(
+        mini_folder,
+        32,
+        4,
+        settings=[("fp32", True), ("fp16", True)],
+        device="cpu",
+        in_memory={("fp32", True): 10.0},
+    )
+    cold, warm, *refused = rows
+    assert (cold["task"], cold["cache"], warm["task"], warm["cache"]) == (
+        "pretrain-epoch",
+        "cold",
+        "pretrain-epoch",
+        "warm",
+    )
+    assert 0 < cold["images"] == warm["images"] <= 12 and cold["skipped"] == warm["skipped"] == 0
+    # a full epoch: the cold pass decodes each training image once, the warm pass none
+    assert len(decoded) == len(set(decoded)) == cold["images"]
+    for row in (cold, warm):
+        assert row["images_per_s"] == pytest.approx(row["images"] / row["seconds"])
+        assert row["gflops"] == pytest.approx(row["images_per_s"] * train_flops("pretrain", 32).train / 1e9)
+        assert row["in_memory_images_per_s"] == 10.0
+        assert row["pipeline_fraction"] == pytest.approx(row["images_per_s"] / 10.0)
+    assert [(r["cache"], "error" in r) for r in refused] == [("cold", True), ("warm", True)]
+
+
+def test_run_bench_measures_the_in_memory_reference_for_the_pipeline(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_train(*args, task, **kwargs):
+        calls.append(task)
+        return [{"task": task, "precision": "fp32", "channels_last": True, "images_per_s": 20.0}]
+
+    def fake_pipeline(data, image_size, batch_size, settings, device, steps, num_workers, in_memory, **kw):
+        calls.append(("pipeline", data, image_size, batch_size, steps, num_workers, in_memory))
+        return [{"task": "pretrain-epoch", "cache": "warm", "images_per_s": 19.0}]
+
+    monkeypatch.setattr(cxrcae.bench, "bench_train_step", fake_train)
+    monkeypatch.setattr(cxrcae.bench, "bench_pipeline", fake_pipeline)
+    report = run_bench(["finetune"], 64, 4, data=tmp_path, data_steps=3, num_workers=2)
+    assert calls == ["finetune", "pretrain", ("pipeline", tmp_path, 64, 4, 3, 2, {("fp32", True): 20.0})]
+    assert [(r["task"], r["impl"]) for r in report.rows] == [
+        ("finetune", "cxrcae"),
+        ("pretrain", "cxrcae"),
+        ("pretrain-epoch", "cxrcae"),
+    ]
+    calls.clear()
+    run_bench(["pretrain"], 64, 4)  # without data: no pipeline, as before
+    assert calls == ["pretrain"]
+    with pytest.raises(CxrcaeError, match="no such file"):
+        run_bench(["pretrain"], data=tmp_path / "missing")
 
 
 def test_cli_compares_with_a_keras_peer(cli, tmp_path, shared_data):
@@ -192,3 +342,44 @@ def test_run_bench_refuses_bad_arguments_before_measuring(monkeypatch):
         run_bench(["pretrain", "resnet"])
     with pytest.raises(CxrcaeError, match="both"):
         run_bench(["pretrain"], keras_python=sys.executable)
+
+
+def test_cli_prints_the_new_columns(cli, mini_folder):
+    args = ["bench", "--tasks", "finetune-frozen", "--image-size", "32", "--batch-size", "4"]
+    args += ["--steps", "1", "--warmup", "0", "--settings", "fp32:nhwc", "--device", "cpu"]
+    args += ["--data", mini_folder, "--num-workers", "0"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    for column in ("GFLOP/s", "fwd GFLOP/s", "% of fwd", "pipeline/in-mem"):
+        assert column in result.stdout
+    lines = result.stdout.splitlines()
+    for task in ("finetune-frozen ", "pretrain ", "pretrain-epoch (cold)", "pretrain-epoch (warm)"):
+        assert any(line.strip("│ ").startswith(task) for line in lines), task
+
+    rows = json.loads(cli(*args, "--data-steps", "1", "--json").stdout)
+    by = {(r["task"], r.get("cache")): r for r in rows}
+    assert set(by) == {
+        ("finetune-frozen", None),
+        ("pretrain", None),
+        ("pretrain-epoch", "cold"),
+        ("pretrain-epoch", "warm"),
+    }
+    for key in ("gflops", "forward_gflops", "forward_fraction", "train_gflop", "forward_gflop"):
+        assert by[("pretrain", None)][key] > 0 and by[("finetune-frozen", None)][key] > 0
+    warm = by[("pretrain-epoch", "warm")]
+    assert warm["images"] == 4  # one batch
+    assert warm["pipeline_fraction"] == pytest.approx(
+        warm["images_per_s"] / by[("pretrain", None)]["images_per_s"]
+    )
+    assert "pipeline_fraction" not in by[("pretrain", None)]
+
+
+def test_cli_without_data_has_no_pipeline_rows(cli):
+    result = cli(
+        "bench", "--tasks", "pretrain", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+        "--warmup", "0", "--settings", "fp32:nchw", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["task"] for r in rows] == ["pretrain"] and "forward_gflops" in rows[0]
+    assert cli("bench", "--data", "/no/such/folder", "--device", "cpu").exit_code == 1

@@ -4,10 +4,22 @@ Speed is never asserted in tests (these machines are noisy); it is measured here
 side by side in one run. ``run_bench`` is the whole benchmark (ours, the Keras peer, the ratios) and
 ``cxrcae bench`` prints its rows. The Keras peer is the paper's own models in TensorFlow
 (``keras_reference.py``), run in the Python that has TensorFlow installed.
+
+Two more yardsticks come from the same run:
+
+* arithmetic rate: ``count_flops`` counts the multiply-adds of a model's convolutions, LSTMs and dense
+  layers for one image, so each training row has its GFLOP/s (``gflops``) beside the GFLOP/s the same
+  model's forward pass alone reaches in the same setting (``forward_gflops``; their ratio is
+  ``forward_fraction``): how close a training step comes to what a forward convolution reaches here;
+* input pipeline: with real files (``data``), ``bench_pipeline`` trains the CAE through the real loader
+  (``XrayDataset`` + ``make_loader`` + ``train_one_epoch``, decoded cache in a temporary folder) and gives
+  each pass's images/s as a fraction of the in-memory step rate of the same setting (``pipeline_fraction``).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import subprocess
 import tempfile
@@ -19,19 +31,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from cxrcae.data import XrayDataset
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.prediction import iter_predictions
 from cxrcae.io import find_images, load_for_model
+from cxrcae.io.decoded import DecodedCache
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head, build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
+from cxrcae.train.config import PretrainConfig
+from cxrcae.train.data import epoch_seed, make_loader, pretrain_data
+from cxrcae.train.engine import Runtime, train_one_epoch
 from cxrcae.train.finetuning import apply_stage
 
 DEFAULT_SETTINGS: tuple[tuple[str, bool], ...] = (("fp32", False), ("fp32", True), ("bf16", True))
 TRAIN_TASKS = ("pretrain", "finetune-frozen", "finetune")
+PIPELINE_TASK = "pretrain-epoch"
 
 
 def _median_seconds(
@@ -62,6 +81,120 @@ def _train_model(task: str, image_size: int):
     return model, lambda out, x, y: F.cross_entropy(out.float(), y)
 
 
+# ----------------------------------------------------------------------------------------------- FLOPs
+
+COUNTED_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.LSTM)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs (2 x multiply-adds) of one layer for one image: its forward pass and the two backward products.
+
+    A layer's backward pass costs one forward's worth of multiply-adds for the weight gradient and one for
+    the gradient of its input, so a layer that gets both costs 3x its forward in a training step. Each is
+    counted only when autograd computes it: ``weight_grad`` is 0 for a frozen layer, ``input_grad`` is 0
+    when the layer's input needs no gradient (the first convolution's input is the image; a frozen encoder
+    hands its head features that need none). An LSTM always back-propagates through time once any gradient
+    flows through it, so only the input projection's share of its input gradient can be skipped.
+    """
+
+    name: str
+    kind: str
+    forward: int
+    weight_grad: int
+    input_grad: int
+
+    @property
+    def train(self) -> int:
+        return self.forward + self.weight_grad + self.input_grad
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Per-image FLOPs of a model's ``COUNTED_LAYERS`` at one input size (see ``count_flops``)."""
+
+    image_size: int
+    layers: tuple[LayerFlops, ...]
+
+    @property
+    def forward(self) -> int:
+        """FLOPs of one forward pass of one image."""
+        return sum(layer.forward for layer in self.layers)
+
+    @property
+    def train(self) -> int:
+        """FLOPs of one training step per image: forward plus the gradients autograd computes."""
+        return sum(layer.train for layer in self.layers)
+
+
+def count_flops(model: nn.Module, image_size: int, in_chans: int = 3) -> FlopCount:
+    """FLOPs (2 x multiply-adds) of ``model``'s convolutions, transposed convolutions, LSTMs and dense
+    layers for one ``in_chans`` x ``image_size`` x ``image_size`` image, forward and training step.
+
+    Shapes come from forward hooks on a copy of the model on the ``meta`` device (nothing is computed or
+    allocated), and whether each gradient is needed from ``requires_grad`` as autograd sees it there, so
+    frozen parameters (``apply_stage``) count as they train: forward only. Per image, with ``k`` the kernel
+    size: a convolution costs H_out*W_out*C_out*(C_in/groups)*k*k multiply-adds, a transposed convolution
+    H_in*W_in*C_in*(C_out/groups)*k*k (every input pixel is spread over a k x k window; PyTorch computes
+    the full window even where Keras geometry crops the border), a dense layer in*out per row, an LSTM
+    T*4H*(I+H) per layer and direction over T steps. Biases, activations, pooling, the loss and the
+    optimizer update are not counted (well under 1% of the total for these models).
+    """
+    meta = copy.deepcopy(model).to("meta")
+    found: list[LayerFlops] = []  # in call order; a layer called twice is counted twice
+    names = {id(m): name for name, m in meta.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        x = inputs[0]
+        trains = any(p.requires_grad for p in module.parameters(recurse=False))
+        macs, in_part = _layer_macs(module, x, output[0] if isinstance(output, tuple) else output)
+        if isinstance(module, nn.LSTM):
+            flows = trains or x.requires_grad  # then the gradient runs back through time
+            input_macs = ((macs - in_part) + (in_part if x.requires_grad else 0)) if flows else 0
+        else:
+            input_macs = macs if x.requires_grad else 0
+        kind = next(c.__name__ for c in COUNTED_LAYERS if isinstance(module, c))  # KerasSame... -> base
+        found.append(LayerFlops(names[id(module)], kind, 2 * macs, 2 * macs * trains, 2 * input_macs))
+
+    handles = [m.register_forward_hook(hook) for m in meta.modules() if isinstance(m, COUNTED_LAYERS)]
+    try:
+        with torch.enable_grad():
+            meta(torch.empty(1, in_chans, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return FlopCount(image_size, tuple(found))
+
+
+def _layer_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+    """Multiply-adds of ``module`` on a batch of one, and (LSTMs) the share of its input projections."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out.numel() * (module.in_channels // module.groups) * kh * kw, 0
+    if isinstance(module, nn.ConvTranspose2d):
+        kh, kw = module.kernel_size
+        return x.numel() * (module.out_channels // module.groups) * kh * kw, 0
+    if isinstance(module, nn.Linear):
+        return (x.numel() // module.in_features) * module.in_features * module.out_features, 0
+    assert isinstance(module, nn.LSTM)
+    steps = x.shape[1] if module.batch_first else x.shape[0]
+    dirs = 2 if module.bidirectional else 1
+    hidden = module.hidden_size
+    total = in_part = 0
+    for layer in range(module.num_layers):
+        size_in = module.input_size if layer == 0 else hidden * dirs
+        total += dirs * steps * 4 * hidden * (size_in + hidden)
+        if layer == 0:
+            in_part = dirs * steps * 4 * hidden * size_in
+    return total, in_part
+
+
+def train_flops(task: str, image_size: int) -> FlopCount:
+    """``count_flops`` of the model of training ``task`` as ``bench_train_step`` builds it (frozen parts
+    included)."""
+    return count_flops(_train_model(task, image_size)[0], image_size)
+
+
 def bench_train_step(
     image_size: int = 224,
     batch_size: int = 16,
@@ -78,11 +211,19 @@ def bench_train_step(
     ``task``: ``pretrain`` (CAE, MSE), ``finetune-frozen`` (head stage: encoder frozen and in eval mode) or
     ``finetune`` (everything trains). Each setting gets a freshly seeded model and Adam optimizer; a setting
     the device cannot run (e.g. fp16 on CPU) gets an ``error``.
+
+    Arithmetic rate (``count_flops``): ``train_gflop`` and ``forward_gflop`` are the FLOPs of one image's
+    training step and forward pass (in GFLOP), ``gflops`` the step's rate (images/s x ``train_gflop``).
+    After the steps the same model's forward pass alone is timed in the same setting, under
+    ``torch.inference_mode`` in eval mode with the same batch (one extra timed measurement, same
+    warmup/steps): ``forward_images_per_s``, its rate ``forward_gflops``, and ``forward_fraction`` =
+    ``gflops / forward_gflops``.
     """
 
     if task not in TRAIN_TASKS:
         raise CxrcaeError(f"unknown benchmark task {task!r}; use one of {', '.join(TRAIN_TASKS)}")
     dev = resolve_device(device)
+    flops = train_flops(task, image_size)
     rows: list[dict[str, Any]] = []
     for precision, channels_last in settings:
         row: dict[str, Any] = {
@@ -99,7 +240,7 @@ def bench_train_step(
             rows.append({**row, "error": str(exc)})
             continue
         label = f"{task} {precision} {'NHWC' if channels_last else 'NCHW'}"
-        seconds, loss = _time_train_step(
+        seconds, loss, forward_s = _time_train_step(
             task,
             image_size,
             batch_size,
@@ -110,8 +251,25 @@ def bench_train_step(
             warmup,
             steps,
             lambda done, total, label=label: progress(label, done, total),
+            lambda done, total, label=label: progress(f"{label} forward", done, total),
         )
-        rows.append({**row, "step_s": seconds, "images_per_s": batch_size / seconds, "loss": loss})
+        speed, forward_speed = batch_size / seconds, batch_size / forward_s
+        gflops, forward_gflops = speed * flops.train / 1e9, forward_speed * flops.forward / 1e9
+        rows.append(
+            {
+                **row,
+                "step_s": seconds,
+                "images_per_s": speed,
+                "loss": loss,
+                "train_gflop": flops.train / 1e9,
+                "forward_gflop": flops.forward / 1e9,
+                "gflops": gflops,
+                "forward_s": forward_s,
+                "forward_images_per_s": forward_speed,
+                "forward_gflops": forward_gflops,
+                "forward_fraction": gflops / forward_gflops,
+            }
+        )
     base = next((r["images_per_s"] for r in rows if "images_per_s" in r), None)
     for r in rows:
         if "images_per_s" in r and base:
@@ -130,8 +288,10 @@ def _time_train_step(
     warmup: int,
     steps: int,
     report,
-) -> tuple[float, float]:
-    """Median seconds of one optimiser step of ``task`` on random data, and the last loss."""
+    report_forward,
+) -> tuple[float, float, float]:
+    """Median seconds of one optimiser step of ``task`` on random data, the last loss, then the median
+    seconds of the same model's forward pass alone on the same batch (eval mode, inference mode)."""
 
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -153,7 +313,15 @@ def _time_train_step(
         optimizer.step()
         last["loss"] = loss.item()
 
-    return _median_seconds(step, warmup, steps, _sync(dev), report), last["loss"]
+    sync = _sync(dev)
+    step_s = _median_seconds(step, warmup, steps, sync, report)
+    model.eval()
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(dev, dtype):
+            model(x)
+
+    return step_s, last["loss"], _median_seconds(forward, warmup, steps, sync, report_forward)
 
 
 def _sync(dev) -> Callable[[], None]:
@@ -161,6 +329,134 @@ def _sync(dev) -> Callable[[], None]:
     if dev.type == "cuda":
         return lambda: torch.cuda.synchronize(dev)
     return lambda: None
+
+
+def bench_pipeline(
+    data: str | Path,
+    image_size: int = 224,
+    batch_size: int = 16,
+    settings: Sequence[tuple[str, bool]] = DEFAULT_SETTINGS,
+    device: str = "auto",
+    steps: int | None = None,
+    num_workers: int = 0,
+    in_memory: dict[tuple[str, bool], float] | None = None,
+    seed: int = 0,
+    resize_mode: str = PretrainConfig.resize_mode,
+    progress: ProgressFn = no_progress,
+) -> list[dict[str, Any]]:
+    """CAE training steps through the real input pipeline on the files of ``data``: two rows per setting,
+    ``cache`` ``cold`` then ``warm``.
+
+    The images are the training split of ``data`` as ``cxrcae pretrain`` makes it (``pretrain_data``); the
+    batches come from ``XrayDataset`` over a ``DecodedCache`` in a fresh temporary folder (one per setting)
+    and ``make_loader`` (shuffled, ``num_workers`` workers, pinned memory on CUDA), and ``train_one_epoch``
+    runs the steps on a freshly seeded CAE with Adam. ``steps`` batches per pass (None: a full epoch). The
+    cold pass decodes every file and fills the cache (the files themselves may already sit in the OS page
+    cache); the warm pass replays the same batches (same loader seed), so it reads only cached arrays, as
+    every epoch after the first does. Each pass is timed from the loader's start to its last step
+    (synchronised), so worker start-up counts, as it does in every epoch.
+
+    Each row has ``images``, ``seconds``, ``images_per_s``, ``gflops`` and, where ``in_memory`` gives the
+    in-memory step rate of the same (precision, channels_last) at the same image and batch size (the
+    ``pretrain`` rows of ``bench_train_step``), ``in_memory_images_per_s`` and ``pipeline_fraction`` =
+    this pass's images/s over it.
+    """
+
+    dev = resolve_device(device)
+    in_memory = in_memory or {}
+    flop = train_flops("pretrain", image_size).train
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
+        records = pretrain_data(data, Path(tmp), PretrainConfig.val_fraction, seed).train
+        for precision, channels_last in settings:
+            row: dict[str, Any] = {
+                "task": PIPELINE_TASK,
+                "precision": precision,
+                "channels_last": channels_last,
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "device": str(dev),
+                "num_workers": num_workers,
+            }
+            try:
+                dtype = resolve_precision(precision, dev)
+            except CxrcaeError as exc:
+                rows += [{**row, "cache": cache, "error": str(exc)} for cache in ("cold", "warm")]
+                continue
+            label = f"{PIPELINE_TASK} {precision} {'NHWC' if channels_last else 'NCHW'}"
+            with tempfile.TemporaryDirectory(prefix="decoded-", dir=tmp) as cache_dir:
+                passes = _time_pipeline(
+                    records, Runtime(dev, dtype, channels_last), DecodedCache(cache_dir), image_size,
+                    resize_mode, batch_size, steps, num_workers, seed, label, progress,
+                )  # fmt: skip
+            reference = in_memory.get((precision, channels_last))
+            for cache, (images, seconds, loss, skipped) in zip(("cold", "warm"), passes):
+                speed = images / seconds
+                result = {
+                    **row,
+                    "cache": cache,
+                    "images": images,
+                    "skipped": skipped,
+                    "seconds": seconds,
+                    "images_per_s": speed,
+                    "loss": loss,
+                    "train_gflop": flop / 1e9,
+                    "gflops": speed * flop / 1e9,
+                }
+                if reference:
+                    result["in_memory_images_per_s"] = reference
+                    result["pipeline_fraction"] = speed / reference
+                rows.append(result)
+    return rows
+
+
+def _time_pipeline(
+    records,
+    rt: Runtime,
+    decoded: DecodedCache,
+    image_size: int,
+    resize_mode: str,
+    batch_size: int,
+    steps: int | None,
+    num_workers: int,
+    seed: int,
+    label: str,
+    progress: ProgressFn,
+) -> list[tuple[int, float, float, int]]:
+    """(images, seconds, mean loss, unreadable files) of the cold pass and of the warm pass."""
+    torch.manual_seed(seed)
+    model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dataset = XrayDataset(records, image_size, resize_mode, [], decoded=decoded)
+    loader = make_loader(
+        dataset,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        pin_memory=rt.device.type == "cuda",
+    )
+    n = min(len(loader), steps) if steps else len(loader)
+    sync = _sync(rt.device)
+    passes = []
+    for cache in ("cold", "warm"):
+        loader.generator.manual_seed(epoch_seed(seed, 1))  # the same batches: the warm pass reads the cache
+        task = f"{label} {cache}"
+        sync()
+        start = time.perf_counter()
+        stats = train_one_epoch(
+            model, itertools.islice(loader, n), _reconstruction, optimizer, rt, where=f"{task} pass",
+            total=n, progress=progress, task=task,
+        )  # fmt: skip
+        sync()
+        passes.append((stats.images, time.perf_counter() - start, stats.loss, len(stats.skipped)))
+    return passes
+
+
+def _reconstruction(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """The pretraining objective (``engine.Reconstruction`` after its first epoch): MSE in fp32."""
+    out = model(images)
+    return F.mse_loss(out.float(), images.float()), out
 
 
 def bench_predict(
@@ -290,12 +586,20 @@ def run_bench(
     keras_python: str | Path | None = None,
     keras_script: str | Path | None = None,
     progress: ProgressFn = no_progress,
+    data: str | Path | None = None,
+    data_steps: int | None = None,
+    num_workers: int = 0,
 ) -> BenchReport:
     """Time each training ``task`` in each setting and, with ``predict`` files, prediction; each beside the
     Keras peer when ``keras_python`` and ``keras_script`` are given, so the ratios come from one run.
 
     The peer trains in fp32 with the same image size, batch size and step count (``finetune-frozen`` is its
     ``finetune --frozen``) and predicts each ``predict`` folder with ``predict_batch_size``.
+
+    With ``data`` (a folder or manifest of real images), ``bench_pipeline`` adds ``pretrain-epoch`` rows
+    (cold and warm decoded cache, ``data_steps`` batches per pass or a full epoch, ``num_workers`` loader
+    workers) after the training tasks, each with its ``pipeline_fraction`` of the in-memory ``pretrain``
+    rate of the same setting; the ``pretrain`` rows are measured for it when ``tasks`` lacks them.
     """
 
     tasks = list(tasks)
@@ -304,6 +608,8 @@ def run_bench(
         raise CxrcaeError(f"unknown benchmark task(s) {', '.join(bad)}; use {', '.join(TRAIN_TASKS)}")
     if (keras_python is None) != (keras_script is None):
         raise CxrcaeError("the Keras peer needs both a Python with TensorFlow and keras_reference.py")
+    if data is not None and not Path(data).expanduser().exists():
+        raise CxrcaeError(f"{data}: no such file or folder (--data)")
     peer_cmd = (keras_python, keras_script) if keras_python is not None and keras_script is not None else None
 
     rows: list[dict[str, Any]] = []
@@ -327,6 +633,29 @@ def run_bench(
                     "tf": peer.get("tf"),
                 }
             )
+    if data is not None:
+        if "pretrain" not in tasks:  # the in-memory reference, measured in this run at the same settings
+            ours = bench_train_step(
+                image_size, batch_size, steps, warmup, settings, device, task="pretrain", progress=progress
+            )
+            rows += [{"impl": "cxrcae", **r} for r in ours]
+        in_memory = {
+            (r["precision"], r["channels_last"]): r["images_per_s"]
+            for r in rows
+            if r["impl"] == "cxrcae" and r["task"] == "pretrain" and "images_per_s" in r
+        }
+        ours = bench_pipeline(
+            data,
+            image_size,
+            batch_size,
+            settings,
+            device,
+            data_steps,
+            num_workers,
+            in_memory,
+            progress=progress,
+        )
+        rows += [{"impl": "cxrcae", **r} for r in ours]
     if predict:
         ours = bench_predict(predict, None, image_size, predict_batch_size, device=device, progress=progress)
         rows += [{"impl": "cxrcae", **r} for r in ours]
