@@ -215,9 +215,9 @@ def test_runtime_resolution():
 
 def test_auto_precision_follows_the_bf16_speed_check(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda size=None: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_fast", lambda size=None: False)
     assert resolve_precision("auto", cpu) is None
     assert runtime.precision_name(None) == "fp32" and runtime.precision_name(torch.bfloat16) == "bf16"
 
@@ -279,10 +279,10 @@ def test_training_and_inference_report_a_bad_file_through_the_same_wrapper(tmp_p
 def test_speed_probe_chooses_by_measurement_not_flags(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
     times = {(None, False): 1.0, (None, True): 2.0, (torch.bfloat16, True): 0.9}
-    choice = runtime.probe_cpu(timer=lambda dtype, cl: times[(dtype, cl)])
+    choice = runtime.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
     assert choice["precision"] == "fp32" and choice["channels_last"] is False  # bf16 only 1.11x: not enough
     times[(torch.bfloat16, True)] = 0.5
-    choice = runtime.probe_cpu(timer=lambda dtype, cl: times[(dtype, cl)])
+    choice = runtime.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
     assert choice["precision"] == "bf16" and choice["channels_last"] is True
 
 
@@ -291,23 +291,30 @@ def test_speed_probe_runs_once_per_machine_and_can_be_turned_off(monkeypatch, tm
     monkeypatch.delenv("CXRCAE_PROBE", raising=False)
     calls = []
 
-    def fake_probe():
-        calls.append(1)
-        return {"version": runtime.PROBE_VERSION, "precision": "fp32", "channels_last": False, "seconds": {}}
+    def fake_probe(size):
+        calls.append(size)
+        return {
+            "version": runtime.PROBE_VERSION,
+            "precision": "fp32",
+            "channels_last": size < 200,
+            "seconds": {},
+        }
 
     monkeypatch.setattr(runtime, "probe_cpu", fake_probe)
-    first = runtime.cpu_choice()
-    again = runtime.cpu_choice()
-    assert len(calls) == 1 and first["channels_last"] is False and again["source"].endswith(".json")
-    assert runtime.resolve_channels_last(None, torch.device("cpu")) is False
+    first = runtime.cpu_choice(224)
+    again = runtime.cpu_choice(224)
+    assert calls == [224] and first["channels_last"] is False and again["source"].endswith(".json")
+    assert runtime.resolve_channels_last(None, torch.device("cpu"), 224) is False
+    assert runtime.resolve_channels_last(None, torch.device("cpu"), 64) is True  # each size is measured
+    assert calls == [224, 64] and runtime.cpu_choice(224)["channels_last"] is False
     assert runtime.resolve_channels_last(True, torch.device("cpu")) is True  # the user's choice wins
     key = runtime.machine_key()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # narrower kernels are another machine for the probe
     assert runtime.machine_key() != key
     monkeypatch.setenv("CXRCAE_PROBE", "off")
-    assert runtime.cpu_choice()["channels_last"] is True and len(calls) == 1
+    assert runtime.cpu_choice(224)["channels_last"] is True and len(calls) == 2
 
 
 def test_speed_probe_times_the_real_step():
-    seconds = runtime._time_setting(None, False, reps=1)
+    seconds = runtime._time_setting(None, False, 32, reps=1)
     assert 0 < seconds < 60

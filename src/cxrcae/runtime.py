@@ -74,12 +74,12 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def bf16_supported(device: torch.device) -> bool:
+def bf16_supported(device: torch.device, image_size: int | None = None) -> bool:
     """Whether bf16 autocast is expected to be faster than fp32 on ``device`` (used by ``auto``)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return cpu_bf16_fast()
+        return cpu_bf16_fast(image_size)
     if device.type == "mps":
         return True
     return False
@@ -116,17 +116,19 @@ def machine_key() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _probe_model(channels_last: bool) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The paper's CAE at ``PROBE_SIZE`` px, batch 2: every layer shape the training step runs."""
+def _probe_model(channels_last: bool, image_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The paper's CAE at the run's image size, batch 2: every layer shape the training step runs."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = ConvAutoencoder().to(memory_format=fmt)
-    return net, torch.rand(2, 3, PROBE_SIZE, PROBE_SIZE).contiguous(memory_format=fmt)
+    return net, torch.rand(2, 3, image_size, image_size).contiguous(memory_format=fmt)
 
 
-def _time_setting(dtype: torch.dtype | None, channels_last: bool, reps: int = 3) -> float:
+def _time_setting(
+    dtype: torch.dtype | None, channels_last: bool, image_size: int = PROBE_SIZE, reps: int = 3
+) -> float:
     """Median seconds of one forward + backward + SGD step of the probe model."""
-    net, x = _probe_model(channels_last)
+    net, x = _probe_model(channels_last, image_size)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     times = []
     for i in range(reps + 1):
@@ -141,17 +143,20 @@ def _time_setting(dtype: torch.dtype | None, channels_last: bool, reps: int = 3)
     return float(np.median(times))
 
 
-def probe_cpu(timer: Callable[[torch.dtype | None, bool], float] = _time_setting) -> dict[str, Any]:
+def probe_cpu(
+    image_size: int = PROBE_SIZE, timer: Callable[[torch.dtype | None, bool, int], float] = _time_setting
+) -> dict[str, Any]:
     """Time the CAE training step in fp32 (NCHW and NHWC) and, where oneDNN has bf16, in bf16 (NHWC);
     return the fastest fp32 layout and whether bf16 beats it by ``BF16_MARGIN``. Takes a few seconds."""
     settings = {"fp32:nchw": (None, False), "fp32:nhwc": (None, True)}
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         settings["bf16:nhwc"] = (torch.bfloat16, True)
-    seconds = {name: timer(*setting) for name, setting in settings.items()}
+    seconds = {name: timer(*setting, image_size) for name, setting in settings.items()}
     fp32 = min(("fp32:nchw", "fp32:nhwc"), key=seconds.__getitem__)
     bf16 = "bf16:nhwc" in seconds and seconds[fp32] / seconds["bf16:nhwc"] >= BF16_MARGIN
     return {
         "version": PROBE_VERSION,
+        "image_size": int(image_size),
         "seconds": seconds,
         "precision": "bf16" if bf16 else "fp32",
         "channels_last": True if bf16 else fp32 == "fp32:nhwc",
@@ -159,40 +164,47 @@ def probe_cpu(timer: Callable[[torch.dtype | None, bool], float] = _time_setting
     }
 
 
-def cpu_choice() -> dict[str, Any]:
-    """The probe's answer for this machine: read from ``$CXRCAE_HOME/probe/<machine>.json``, measured (and
-    saved) on first use. ``CXRCAE_PROBE=off`` skips it (fp32, channels_last)."""
+def cpu_choice(image_size: int | None = None) -> dict[str, Any]:
+    """The probe's answer for this machine at ``image_size`` (the best layout changes with the size): read
+    from ``$CXRCAE_HOME/probe/<machine>.json``, measured and saved on first use (a few seconds at 224 px).
+    ``CXRCAE_PROBE=off`` skips it (fp32, channels_last)."""
     if os.environ.get(PROBE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
         return {"precision": "fp32", "channels_last": True, "source": "default (CXRCAE_PROBE=off)"}
+    size = int(image_size or PROBE_SIZE)
     path = home_dir() / "probe" / f"{machine_key()}.json"
     try:
-        cached = json.loads(path.read_text("utf-8"))
-        if cached.get("version") == PROBE_VERSION:
-            return {**cached, "source": str(path)}
+        known = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
-        pass
-    result = probe_cpu()
+        known = {}
+    cached = known.get(str(size)) if isinstance(known, dict) else None
+    if isinstance(cached, dict) and cached.get("version") == PROBE_VERSION:
+        return {**cached, "source": str(path)}
+    result = probe_cpu(size)
     try:
-        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        atomic_write_text(path, json.dumps({**known, str(size): result}, indent=1) + "\n")
     except OSError:
         pass  # a read-only home only means probing again next time
     return {**result, "source": "measured now"}
 
 
-def resolve_channels_last(channels_last: bool | None, device: torch.device) -> bool:
+def resolve_channels_last(
+    channels_last: bool | None, device: torch.device, image_size: int | None = None
+) -> bool:
     """``None`` (auto) = what the probe measured faster on this CPU; NHWC on GPUs."""
     if channels_last is not None:
         return bool(channels_last)
-    return bool(cpu_choice()["channels_last"]) if device.type == "cpu" else True
+    return bool(cpu_choice(image_size)["channels_last"]) if device.type == "cpu" else True
 
 
-def cpu_bf16_fast() -> bool:
+def cpu_bf16_fast(image_size: int | None = None) -> bool:
     """Whether bf16 autocast is measured faster than fp32 on this CPU (``cpu_choice``), not assumed from CPU
     flags: on an avx512_bf16 CPU without AMX bf16 was slower (3.7 vs 5.4 img/s for the CAE step)."""
-    return cpu_choice()["precision"] == "bf16"
+    return cpu_choice(image_size)["precision"] == "bf16"
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+def resolve_precision(
+    precision: str, device: torch.device, image_size: int | None = None
+) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32 (no autocast).
 
     ``auto`` = bf16 where the hardware runs it faster than fp32 (CUDA/MPS with bf16; on CPU where the speed
@@ -203,7 +215,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision not in PRECISIONS:
         raise CxrcaeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return torch.bfloat16 if bf16_supported(device) else None
+        return torch.bfloat16 if bf16_supported(device, image_size) else None
     if precision == "fp32":
         return None
     if precision == "bf16":

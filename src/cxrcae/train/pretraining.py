@@ -74,8 +74,8 @@ def run_pretrain(
     """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
 
     device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
-    rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device))
+    dtype = resolve_precision(cfg.precision, device, cfg.image_size)
+    rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
     model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
 
     decoded = DecodedCache(home_dir() / "decoded") if cfg.cache_decoded else None
