@@ -7,6 +7,8 @@
    to its epoch budget with early stopping on validation loss; the next stage starts from the best weights so
    far (Keras ``restore_best_weights`` semantics). After every epoch OUT/history.csv and the resume state
    OUT/last/ are rewritten (``cxrcae.train.state``); OUT/best/ whenever the validation loss improves.
+   A stage that trains no encoder parameter, without augmentation, runs the encoder once and trains the
+   head on its cached features (``cxrcae.train.features``): the same batches and results, far faster.
 
 Losses are computed in fp32 even under bf16/fp16 autocast; a non-finite loss stops the run at once naming
 the epoch and step, and keeps the last good checkpoint.
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CxrcaeError
@@ -38,6 +40,7 @@ from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
+from cxrcae.train.features import HeadOnly, encode, use_cached_features
 from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state
 
 BEST = "best"
@@ -219,6 +222,9 @@ class Run:
     """Freezes what a stage does not train and returns the parameters to optimise (None: all of them)."""
     sample_weights: torch.Tensor | None = None
     progress: ProgressFn = no_progress
+    cache_features: bool = True
+    """Run a stage that trains no encoder parameter on features computed once (``cxrcae.train.features``);
+    False keeps every stage on the images (tests compare the two paths)."""
 
 
 @dataclass
@@ -445,16 +451,7 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
         restore_rng(tensors, state["rng"])
 
     # built once; the training order of each epoch comes from reseeding its generator (see epoch_seed)
-    train_loader = make_loader(
-        run.train_set,
-        cfg.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        sample_weights=run.sample_weights,
-        pin_memory=run.rt.device.type == "cuda",
-    )
-    val_loader = make_loader(run.val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers)
+    train_loader, val_loader = _loaders(run, run.train_set, run.val_set, cfg.num_workers)
     n_train = min(len(train_loader), cfg.limit_batches or len(train_loader))
     n_val = min(len(val_loader), cfg.limit_batches or len(val_loader))
 
@@ -477,6 +474,13 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
         if resume_optimizer is not None:
             optimizer.load_state_dict(resume_optimizer)
             resume_optimizer = None
+        # what this stage's epochs run on: the model over the images, or its head over cached features
+        net, loaders = model, (train_loader, val_loader)
+        cached = run.cache_features and use_cached_features(model, cfg)
+        stage_log[-1]["features_cached"] = cached
+        if cached:
+            net, loaders = HeadOnly(model), _feature_loaders(run, plan.name, stage_log[-1])
+        stage_train, stage_val = loaders
 
         while stage_epoch < plan.epochs and not stopper.stopped:
             epoch += 1
@@ -486,16 +490,16 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
                 f" ({plan.name} {stage_epoch}/{plan.epochs})" if finetune else f"/{plan.epochs}"
             )
             where = f"epoch {epoch}" + (f" (stage {plan.name})" if finetune else "")
-            train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+            stage_train.generator.manual_seed(epoch_seed(cfg.seed, epoch))
             run.progress(task, 0, n_train + n_val)
             epoch_start = time.perf_counter()
             try:
                 train = train_one_epoch(
-                    model, train_loader, run.objective, optimizer, run.rt, where=where,
+                    net, stage_train, run.objective, optimizer, run.rt, where=where,
                     limit_batches=cfg.limit_batches, total=n_train + n_val, progress=run.progress, task=task,
                 )  # fmt: skip
                 val = validate(
-                    model, val_loader, run.objective, run.rt, where=where, limit_batches=cfg.limit_batches,
+                    net, stage_val, run.objective, run.rt, where=where, limit_batches=cfg.limit_batches,
                     progress=run.progress, task=task, offset=n_train, total=n_train + n_val,
                 )  # fmt: skip
             except NonFiniteLossError as exc:
@@ -549,6 +553,44 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
     if best_state is not None:  # final config (epochs run, stages) next to the same best weights
         _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
+
+
+def _loaders(
+    run: Run, train_set: Dataset, val_set: Dataset, num_workers: int
+) -> tuple[DataLoader, DataLoader]:
+    """The train loader (shuffled, or sampled with ``run.sample_weights``; ``fit`` reseeds its generator every
+    epoch) and the val loader (in order). Over ``CachedFeatures`` built the same way, they give the same
+    batches as over the images."""
+    cfg = run.cfg
+    train = make_loader(
+        train_set,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=num_workers,
+        sample_weights=run.sample_weights,
+        pin_memory=run.rt.device.type == "cuda",
+    )
+    val = make_loader(val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=num_workers)
+    return train, val
+
+
+def _feature_loaders(run: Run, stage: str, log: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
+    """Run the frozen encoder once over the train and val images (in order, in the run's batch size) and
+    return ``_loaders`` over the features; ``log`` (the stage's entry) gets the time and memory it took."""
+    cfg, start = run.cfg, time.perf_counter()
+    train_images, val_images = (
+        make_loader(images, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers)
+        for images in (run.train_set, run.val_set)
+    )
+    task, total = f"stage {stage}: encoder features", len(train_images) + len(val_images)
+    report = {"progress": run.progress, "task": task, "total": total}
+    train = encode(run.model, train_images, run.rt, **report)
+    val = encode(run.model, val_images, run.rt, offset=len(train_images), **report)
+    log["features_seconds"] = round(time.perf_counter() - start, 3)
+    log["features_mb"] = round((train.nbytes() + val.nbytes()) / 2**20, 3)
+    # in memory already: worker processes would only copy the features between processes
+    return _loaders(run, train, val, num_workers=0)
 
 
 def train_result(
