@@ -35,6 +35,7 @@ PROBE_ENV = "CXRCAE_PROBE"
 """``CXRCAE_PROBE=off`` skips the speed probe: ``auto`` then means fp32 with channels_last."""
 PROBE_VERSION = 1
 PROBE_SIZE = 128
+PROBE_BATCH = 4
 BF16_MARGIN = 1.15
 """bf16 is chosen only where the probe measures it at least this much faster than the best fp32 layout."""
 
@@ -117,11 +118,11 @@ def machine_key() -> str:
 
 
 def _probe_model(channels_last: bool, image_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The paper's CAE at the run's image size, batch 2: every layer shape the training step runs."""
+    """The paper's CAE at the run's image size, batch ``PROBE_BATCH``: every layer shape of the step."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = ConvAutoencoder().to(memory_format=fmt)
-    return net, torch.rand(2, 3, image_size, image_size).contiguous(memory_format=fmt)
+    return net, torch.rand(PROBE_BATCH, 3, image_size, image_size).contiguous(memory_format=fmt)
 
 
 def _time_setting(
