@@ -117,3 +117,17 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, **kwargs)
 
     return invoke
+
+
+class Interrupt(KeyboardInterrupt):
+    """What a Ctrl-C looks like to a training run (raised by ``stop_at_epoch``)."""
+
+
+def stop_at_epoch(n: int):
+    """A progress callback that interrupts a run as epoch ``n`` starts."""
+
+    def progress(task: str, done: int, total=None, info: str = "") -> None:
+        if task.startswith(f"epoch {n}") and done == 0:
+            raise Interrupt
+
+    return progress

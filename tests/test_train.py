@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Interrupt, stop_at_epoch
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.models.checkpoint import read_weights
@@ -181,18 +182,6 @@ def test_finetune_config_records_everything(pretrained, finetuned):
 # --- resume, NaN, precision ------------------------------------------------------------------------------
 
 
-class _Interrupt(KeyboardInterrupt):
-    pass
-
-
-def _stop_at_epoch(n: int):
-    def progress(task: str, done: int, total=None, info: str = "") -> None:
-        if task.startswith(f"epoch {n}") and done == 0:
-            raise _Interrupt
-
-    return progress
-
-
 def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {
         **read_weights(folder / "best"),
@@ -211,8 +200,8 @@ def test_finetune_resume_reaches_same_weights(mini_folder, tmp_path):
     cfg = dict(image_size=32, epochs=1, batch_size=4, stages=("head", "all"), lr_unfrozen=1e-3, **FAST)
     cfg |= dict(augment=True, balance="sampler", limit_batches=2)
     full = finetune(mini_folder, tmp_path / "full", FinetuneConfig(**cfg))
-    with pytest.raises(_Interrupt):
-        finetune(mini_folder, tmp_path / "cut", FinetuneConfig(**cfg), progress=_stop_at_epoch(2))
+    with pytest.raises(Interrupt):
+        finetune(mini_folder, tmp_path / "cut", FinetuneConfig(**cfg), progress=stop_at_epoch(2))
     assert json.loads((tmp_path / "cut" / "last" / "state.json").read_text())["epoch"] == 1
     resumed = resume_run(tmp_path / "cut")
     assert resumed.resumed and resumed.epochs_run == full.epochs_run == 2
@@ -224,8 +213,8 @@ def test_finetune_resume_reaches_same_weights(mini_folder, tmp_path):
 def test_pretrain_resume_reaches_same_weights(mini_folder, tmp_path):
     cfg = dict(image_size=32, epochs=3, batch_size=4, limit_batches=2, **FAST)
     pretrain(mini_folder, tmp_path / "full", PretrainConfig(**cfg))
-    with pytest.raises(_Interrupt):
-        pretrain(mini_folder, tmp_path / "cut", PretrainConfig(**cfg), progress=_stop_at_epoch(3))
+    with pytest.raises(Interrupt):
+        pretrain(mini_folder, tmp_path / "cut", PretrainConfig(**cfg), progress=stop_at_epoch(3))
     resume_run(tmp_path / "cut", task="pretrain")
     _assert_same(_all_tensors(tmp_path / "full"), _all_tensors(tmp_path / "cut"))
     with pytest.raises(CxrcaeError, match="holds a pretrain run"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Interrupt, stop_at_epoch
 from cxrcae import bundled
 from cxrcae.data import load_records, write_records
 from cxrcae.data.splits import make_splits
@@ -143,23 +144,11 @@ def test_head_only_applies_the_head_of_the_classifier():
         cache[1]
 
 
-class _Interrupt(KeyboardInterrupt):
-    pass
-
-
-def _stop_at_epoch(n: int):
-    def progress(task: str, done: int, total=None, info: str = "") -> None:
-        if task.startswith(f"epoch {n}") and done == 0:
-            raise _Interrupt
-
-    return progress
-
-
 def test_resumed_cached_stage_reaches_the_same_weights(splits, tmp_path):
     overrides = {"head": "lstm-dense3", "stages": ("head", "all"), "epochs": 2, "lr_unfrozen": 1e-3}
     full = _finetune(splits, tmp_path / "full", cache=True, **overrides)
-    with pytest.raises(_Interrupt):
-        _finetune(splits, tmp_path / "cut", cache=True, progress=_stop_at_epoch(2), **overrides)
+    with pytest.raises(Interrupt):
+        _finetune(splits, tmp_path / "cut", cache=True, progress=stop_at_epoch(2), **overrides)
     resumed = resume_run(tmp_path / "cut")
     assert [s["features_cached"] for s in resumed.stages] == [True, False]
     assert [r["val_loss"] for r in resumed.history] == pytest.approx([r["val_loss"] for r in full.history])
