@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from cxrcae.data import Record, dataset_fingerprint, load_records, write_records
@@ -24,6 +24,7 @@ from cxrcae.data.splits import DEFAULT_RATIOS, make_splits
 from cxrcae.errors import DataError, ImageLoadError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import make_generator, worker_init_fn
+from cxrcae.train.distributed import ShardSampler, World, current
 
 SPLITS_NAME = "splits.csv"
 
@@ -102,7 +103,8 @@ def pretrain_data(
     val = [r for r in split_recs if r.split == "val"]
     if not val:
         val, train = train[-1:], train[:-1]
-    write_records(split_recs, out_dir / SPLITS_NAME)
+    if current().main:  # under torchrun every process makes the same split; rank 0 writes it
+        write_records(split_recs, out_dir / SPLITS_NAME)
     return TrainData(train, val, data, "on-the-fly")
 
 
@@ -122,7 +124,8 @@ def finetune_data(
     split = _from_split_column(records, data, need_labels=True)
     if split is None:
         split_recs = make_splits(records, DEFAULT_RATIOS, seed, dedupe=True, progress=progress)
-        write_records(split_recs, out_dir / SPLITS_NAME)
+        if current().main:  # under torchrun every process makes the same split; rank 0 writes it
+            write_records(split_recs, out_dir / SPLITS_NAME)
         train = [r for r in split_recs if r.split == "train"]
         val = [r for r in split_recs if r.split == "val"]
         test = sum(1 for r in split_recs if r.split == "test")
@@ -223,11 +226,14 @@ def make_loader(
     num_workers: int = 0,
     sample_weights: torch.Tensor | None = None,
     pin_memory: bool = False,
+    world: World = World(),
 ) -> DataLoader:
     """A DataLoader whose order and worker seeds depend only on ``seed`` (never the global RNG).
 
     Batches are ``collate_with_errors`` dicts (``"image"``, ``"label"``, ``"path"``, ``"skipped"``, ...): an
-    unreadable file is listed under ``"skipped"`` as ``"path: reason"`` instead of stopping the epoch."""
+    unreadable file is listed under ``"skipped"`` as ``"path: reason"`` instead of stopping the epoch. In a
+    torchrun ``world`` of N processes it yields this process's share of that order
+    (``cxrcae.train.distributed.ShardSampler``)."""
     generator = make_generator(seed)
     sampler = None
     if sample_weights is not None:
@@ -235,6 +241,10 @@ def make_loader(
             sample_weights, len(sample_weights), replacement=True, generator=generator
         )
         shuffle = False
+    if world.active:
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        sampler, shuffle = ShardSampler(sampler, world), False
     return DataLoader(
         SafeDataset(dataset, catch=(ImageLoadError,)),
         batch_size=batch_size,

@@ -9,6 +9,9 @@
    OUT/last/ are rewritten (``cxrcae.train.state``); OUT/best/ whenever the validation loss improves.
    A stage that trains no encoder parameter, without augmentation, runs the encoder once and trains the
    head on its cached features (``cxrcae.train.features``): the same batches and results, far faster.
+   Under ``torchrun`` this process is one of several (``cxrcae.train.distributed``): the training step runs
+   through DDP on this process's share of every epoch's batches, every process validates and takes rank 0's
+   validation loss, and only rank 0 writes files and reports progress.
 
 Losses are computed in fp32 even under bf16/fp16 autocast; a non-finite loss stops the run at once naming
 the epoch and step, and keeps the last good checkpoint.
@@ -21,7 +24,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from cxrcae.hub.card import build_card
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name
+from cxrcae.train import distributed
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
 from cxrcae.train.features import HeadOnly, encode, use_cached_features
@@ -424,7 +428,16 @@ Resume = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
-    """Train ``run`` through its stages; returns a ``FitOutcome`` with the model holding the best weights."""
+    """Train ``run`` through its stages; returns a ``FitOutcome`` with the model holding the best weights.
+
+    Under torchrun, inside the process group of the run's processes (a plain run opens none)."""
+    with distributed.process_group(run.rt.device) as world:
+        if not world.main:
+            run = replace(run, progress=no_progress)
+        return _fit(run, resume, world)
+
+
+def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcome:
     cfg, model, out = run.cfg, run.model, run.out_dir
     history: list[dict[str, Any]] = []
     stage_log: list[dict[str, Any]] = []
@@ -451,7 +464,7 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
         restore_rng(tensors, state["rng"])
 
     # built once; the training order of each epoch comes from reseeding its generator (see epoch_seed)
-    train_loader, val_loader = _loaders(run, run.train_set, run.val_set, cfg.num_workers)
+    train_loader, val_loader = _loaders(run, run.train_set, run.val_set, cfg.num_workers, world)
     n_train = min(len(train_loader), cfg.limit_batches or len(train_loader))
     n_val = min(len(val_loader), cfg.limit_batches or len(val_loader))
 
@@ -479,8 +492,9 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
         cached = run.cache_features and use_cached_features(model, cfg)
         stage_log[-1]["features_cached"] = cached
         if cached:
-            net, loaders = HeadOnly(model), _feature_loaders(run, plan.name, stage_log[-1])
+            net, loaders = HeadOnly(model), _feature_loaders(run, plan.name, stage_log[-1], world)
         stage_train, stage_val = loaders
+        train_net = distributed.wrap(net, world, run.rt.device)  # DDP in a torchrun world, else ``net``
 
         while stage_epoch < plan.epochs and not stopper.stopped:
             epoch += 1
@@ -495,7 +509,7 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
             epoch_start = time.perf_counter()
             try:
                 train = train_one_epoch(
-                    net, stage_train, run.objective, optimizer, run.rt, where=where,
+                    train_net, stage_train, run.objective, optimizer, run.rt, where=where,
                     limit_batches=cfg.limit_batches, total=n_train + n_val, progress=run.progress, task=task,
                 )  # fmt: skip
                 val = validate(
@@ -505,6 +519,7 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(_nan_message(str(exc), out, best)) from None
             skipped += train.skipped + val.skipped
+            val.loss = distributed.from_rank0(val.loss, world, run.rt.device)  # one decision everywhere
             improved = stopper.update(val.loss, epoch)
             row = {
                 "epoch": epoch,
@@ -527,9 +542,11 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
                 metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                 best = {"epoch": epoch, "stage": plan.name, "val_loss": val.loss, "metrics": metrics}
                 stage_log[-1]["best_epoch"] = epoch
-                _save_best(
-                    model, out, run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
-                )
+            if not world.main:
+                continue  # the other processes hold the same weights and write nothing
+            config = run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
+            if improved:
+                _save_best(model, out, config)
             write_history(out / HISTORY_NAME, history)
             position = {"stage_index": si, "stage_epoch": stage_epoch, "epoch": epoch}
             payload = {
@@ -542,25 +559,25 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
                 "objective": run.objective.state(),
             }
             save_resume_state(
-                out, model, run.model_config(FitOutcome(history, best, stage_log, skipped).summary()),
-                optimizer, payload, extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
+                out, model, config, optimizer, payload,
+                extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
             )  # fmt: skip
         stopper = None
 
     if best_state is not None:
         load_state_strict(model, best_state, f"{out}/{BEST}")
     outcome = FitOutcome(history, best, stage_log, skipped, time.perf_counter() - started)
-    if best_state is not None:  # final config (epochs run, stages) next to the same best weights
+    if best_state is not None and world.main:  # final config (epochs run, stages) next to the best weights
         _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
 
 
 def _loaders(
-    run: Run, train_set: Dataset, val_set: Dataset, num_workers: int
+    run: Run, train_set: Dataset, val_set: Dataset, num_workers: int, world: distributed.World
 ) -> tuple[DataLoader, DataLoader]:
     """The train loader (shuffled, or sampled with ``run.sample_weights``; ``fit`` reseeds its generator every
-    epoch) and the val loader (in order). Over ``CachedFeatures`` built the same way, they give the same
-    batches as over the images."""
+    epoch; in a torchrun ``world``, this process's share of it) and the val loader (in order, all of it).
+    Over ``CachedFeatures`` built the same way, they give the same batches as over the images."""
     cfg = run.cfg
     train = make_loader(
         train_set,
@@ -570,14 +587,18 @@ def _loaders(
         num_workers=num_workers,
         sample_weights=run.sample_weights,
         pin_memory=run.rt.device.type == "cuda",
+        world=world,
     )
     val = make_loader(val_set, cfg.batch_size, shuffle=False, seed=0, num_workers=num_workers)
     return train, val
 
 
-def _feature_loaders(run: Run, stage: str, log: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
+def _feature_loaders(
+    run: Run, stage: str, log: dict[str, Any], world: distributed.World
+) -> tuple[DataLoader, DataLoader]:
     """Run the frozen encoder once over the train and val images (in order, in the run's batch size) and
-    return ``_loaders`` over the features; ``log`` (the stage's entry) gets the time and memory it took."""
+    return ``_loaders`` over the features; ``log`` (the stage's entry) gets the time and memory it took.
+    Under torchrun every process encodes every image (its share of each epoch differs from epoch to epoch)."""
     cfg, start = run.cfg, time.perf_counter()
     train_images, val_images = (
         make_loader(images, cfg.batch_size, shuffle=False, seed=0, num_workers=cfg.num_workers)
@@ -590,7 +611,7 @@ def _feature_loaders(run: Run, stage: str, log: dict[str, Any]) -> tuple[DataLoa
     log["features_seconds"] = round(time.perf_counter() - start, 3)
     log["features_mb"] = round((train.nbytes() + val.nbytes()) / 2**20, 3)
     # in memory already: worker processes would only copy the features between processes
-    return _loaders(run, train, val, num_workers=0)
+    return _loaders(run, train, val, 0, world)
 
 
 def train_result(

@@ -39,6 +39,7 @@ from cxrcae.runtime import (
     resolve_device,
     resolve_precision,
 )
+from cxrcae.train import distributed
 from cxrcae.train.config import ENCODER_BLOCKS, FinetuneConfig, expand_stages
 from cxrcae.train.data import (
     TrainData,
@@ -117,7 +118,7 @@ def run_finetune(
             f"{tdata.source}: validation labels absent from the train split: {', '.join(unknown)}"
         )
 
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
     dtype = resolve_precision(cfg.precision, device, cfg.image_size)
     rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
     model = CXRClassifier(CAEEncoder(), build_head(cfg.head, len(names), cfg.image_size))
@@ -152,7 +153,12 @@ def run_finetune(
         sample_weights = source_balanced_weights(labels, [r.source for r in tdata.train])
 
     data_summary = tdata.summary(names)
-    used = {"device": str(device), "precision": precision_name(dtype), "channels_last": rt.channels_last}
+    used = {
+        "device": str(device),
+        "precision": precision_name(dtype),
+        "channels_last": rt.channels_last,
+        "processes": distributed.current().size,  # torchrun: batch_size is per process
+    }
     stages = [
         StagePlan(name, cfg.lr if name == "head" else cfg.lr_unfrozen, cfg.epochs)
         for name in expand_stages(cfg.stages)
@@ -206,7 +212,10 @@ def run_finetune(
     )
     outcome = fit(run, resume)
 
-    files = {"loss_curve": str(loss_curves(outcome.history, out / "loss_curve.png", "cross-entropy"))}
+    curve = out / "loss_curve.png"
+    if distributed.current().main:  # under torchrun the other processes write nothing
+        loss_curves(outcome.history, curve, "cross-entropy")
+    files = {"loss_curve": str(curve)}
     if tdata.split_origin != "file":
         files["splits"] = str(out / "splits.csv")
     counts = Counter(r.label for r in tdata.train)

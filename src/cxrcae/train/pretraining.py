@@ -31,6 +31,7 @@ from cxrcae.runtime import (
     resolve_device,
     resolve_precision,
 )
+from cxrcae.train import distributed
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import TrainData, augmentation, pretrain_data
 from cxrcae.train.engine import (
@@ -73,7 +74,7 @@ def run_pretrain(
 ) -> TrainResult:
     """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
 
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
     dtype = resolve_precision(cfg.precision, device, cfg.image_size)
     rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
     model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
@@ -84,7 +85,12 @@ def run_pretrain(
     val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [], decoded=decoded)
     objective = Reconstruction()  # also measures the mean-image baseline during the first validation
     data_summary = tdata.summary()
-    used = {"device": str(device), "precision": precision_name(dtype), "channels_last": rt.channels_last}
+    used = {
+        "device": str(device),
+        "precision": precision_name(dtype),
+        "channels_last": rt.channels_last,
+        "processes": distributed.current().size,  # torchrun: batch_size is per process
+    }
 
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -124,10 +130,11 @@ def run_pretrain(
     )
     outcome = fit(run, resume)
 
-    files = {
-        "loss_curve": str(loss_curves(outcome.history, out / "loss_curve.png", "reconstruction MSE")),
-        "reconstructions": str(_reconstructions(model, val_set, rt, cfg, out / "reconstructions.png")),
-    }
+    curve, grid = out / "loss_curve.png", out / "reconstructions.png"
+    if distributed.current().main:  # under torchrun the other processes write nothing
+        loss_curves(outcome.history, curve, "reconstruction MSE")
+        _reconstructions(model, val_set, rt, cfg, grid)
+    files = {"loss_curve": str(curve), "reconstructions": str(grid)}
     if tdata.split_origin != "file":
         files["splits"] = str(out / "splits.csv")
     notes = []

@@ -19,7 +19,15 @@ OutOpt = Annotated[
 ImageSizeOpt = Annotated[
     int, typer.Option("--image-size", min=32, help="Square input size in pixels, a multiple of 32.")
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per optimiser step.")]
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Images per optimiser step, per process: under torchrun N processes step on N x this many.",
+    ),
+]
 LimitBatchesOpt = Annotated[
     int | None,
     typer.Option("--limit-batches", min=1, help="At most N train and N val batches per epoch (smoke runs)."),

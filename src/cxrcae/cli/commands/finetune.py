@@ -101,16 +101,19 @@ def finetune_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.train import FinetuneConfig, finetune, resume_run
+    from cxrcae.train.distributed import current
 
     require_data_and_out(data, out, resume)
     if resume is None and encoder is None:
         raise typer.BadParameter(
             "give a pretrained encoder (checkpoint folder or Hub id) or 'none'", param_hint="--encoder"
         )
-    with progress_bar(quiet or json_out) as progress:
+    main = current().main  # under torchrun only rank 0 shows progress and the result
+    with progress_bar(quiet or json_out or not main) as progress:
         if resume is not None:
             result = resume_run(resume, progress, task="finetune", device=device, num_workers=num_workers)
         else:
             cfg = config_from_options(FinetuneConfig, ctx.params)
             result = finetune(data, out, cfg, progress)
-    render_result(result, json_out=json_out, quiet=quiet)
+    if main:
+        render_result(result, json_out=json_out, quiet=quiet)

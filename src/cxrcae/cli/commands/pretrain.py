@@ -81,12 +81,15 @@ def pretrain_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.train import PretrainConfig, pretrain, resume_run
+    from cxrcae.train.distributed import current
 
     require_data_and_out(data, out, resume)
-    with progress_bar(quiet or json_out) as progress:
+    main = current().main  # under torchrun only rank 0 shows progress and the result
+    with progress_bar(quiet or json_out or not main) as progress:
         if resume is not None:
             result = resume_run(resume, progress, task="pretrain", device=device, num_workers=num_workers)
         else:
             cfg = config_from_options(PretrainConfig, ctx.params)
             result = pretrain(data, out, cfg, progress)
-    render_result(result, json_out=json_out, quiet=quiet)
+    if main:
+        render_result(result, json_out=json_out, quiet=quiet)
