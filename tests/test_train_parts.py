@@ -301,6 +301,7 @@ def test_speed_probe_runs_once_per_machine_and_can_be_turned_off(monkeypatch, tm
         }
 
     monkeypatch.setattr(runtime, "probe_cpu", fake_probe)
+    assert runtime.cpu_choice(None)["precision"] == "fp32" and calls == []  # inference never probes
     first = runtime.cpu_choice(224)
     again = runtime.cpu_choice(224)
     assert calls == [224] and first["channels_last"] is False and again["source"].endswith(".json")
@@ -311,6 +312,9 @@ def test_speed_probe_runs_once_per_machine_and_can_be_turned_off(monkeypatch, tm
     key = runtime.machine_key()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")  # narrower kernels are another machine for the probe
     assert runtime.machine_key() != key
+    assert (
+        runtime.cpu_choice(None)["channels_last"] is True and len(calls) == 2
+    )  # inference: nearest, no probe
     monkeypatch.setenv("CXRCAE_PROBE", "off")
     assert runtime.cpu_choice(224)["channels_last"] is True and len(calls) == 2
 

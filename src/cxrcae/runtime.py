@@ -168,18 +168,25 @@ def probe_cpu(
 def cpu_choice(image_size: int | None = None) -> dict[str, Any]:
     """The probe's answer for this machine at ``image_size`` (the best layout changes with the size): read
     from ``$CXRCAE_HOME/probe/<machine>.json``, measured and saved on first use (a few seconds at 224 px).
+
+    Without ``image_size`` (inference: predict, embed, evaluate) nothing is measured, since the probe times
+    a training step: a measurement a training run already made is reused, else fp32.
     ``CXRCAE_PROBE=off`` skips it (fp32, channels_last)."""
+    default = {"precision": "fp32", "channels_last": True}
     if os.environ.get(PROBE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
-        return {"precision": "fp32", "channels_last": True, "source": "default (CXRCAE_PROBE=off)"}
-    size = int(image_size or PROBE_SIZE)
+        return {**default, "source": "default (CXRCAE_PROBE=off)"}
     path = home_dir() / "probe" / f"{machine_key()}.json"
     try:
         known = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         known = {}
-    cached = known.get(str(size)) if isinstance(known, dict) else None
-    if isinstance(cached, dict) and cached.get("version") == PROBE_VERSION:
-        return {**cached, "source": str(path)}
+    known = {k: v for k, v in known.items() if isinstance(v, dict) and v.get("version") == PROBE_VERSION}
+    if image_size is None:
+        sizes = sorted(known, key=lambda k: abs(int(k) - PROBE_SIZE))
+        return {**known[sizes[0]], "source": str(path)} if sizes else {**default, "source": "default"}
+    size = int(image_size)
+    if str(size) in known:
+        return {**known[str(size)], "source": str(path)}
     result = probe_cpu(size)
     try:
         atomic_write_text(path, json.dumps({**known, str(size): result}, indent=1) + "\n")
