@@ -81,7 +81,7 @@ def run_pipeline(
         raise DataError(f"{out}: already holds a pipeline run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
-    splits, pixel_hashes = _splits_file(Path(data), out, cfg.seed, progress)
+    splits, pixel_hashes = prepare_splits(Path(data), out, cfg.seed, progress)
     audit = _audit(splits, pixel_hashes, progress) if cfg.audit else None
     if audit is not None:
         atomic_write_text(out / "audit.json", json.dumps(audit, indent=2, default=str) + "\n")
@@ -135,7 +135,7 @@ def run_pipeline(
     return summary
 
 
-def _splits_file(
+def prepare_splits(
     data: Path, out: Path, seed: int, progress: ProgressFn
 ) -> tuple[Path, FileHashes[str] | None]:
     """DATA's own split when it has one, else a leak-free split written to OUT/splits.csv, with the pixel

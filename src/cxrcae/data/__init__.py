@@ -17,7 +17,14 @@ from cxrcae.data.records import (
     load_records,
     write_records,
 )
-from cxrcae.data.splits import DEFAULT_RATIOS, SplitResult, make_splits, split_records, split_summary
+from cxrcae.data.splits import (
+    DEFAULT_RATIOS,
+    SplitResult,
+    label_fraction,
+    make_splits,
+    split_records,
+    split_summary,
+)
 
 __all__ = [
     "SPLITS",
@@ -28,6 +35,7 @@ __all__ = [
     "SplitResult",
     "class_names",
     "dataset_fingerprint",
+    "label_fraction",
     "load_records",
     "make_splits",
     "split_records",

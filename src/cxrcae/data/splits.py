@@ -216,3 +216,38 @@ def split_summary(records: Sequence[Record]) -> dict[str, Any]:
 
 def _pct(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
+
+
+def label_fraction(records: Sequence[Record], fraction: float, seed: int = 0) -> list[Record]:
+    """The records with only ``fraction`` of the labelled **train** images kept; val and test untouched.
+
+    For label-efficiency curves: whole patients are kept or dropped (never half a patient), per class, in
+    one seeded order, so the subsets are nested (the 5% subset lies inside the 25% one) and every class keeps
+    at least one patient. Unlabelled rows are kept: they only feed pretraining.
+    """
+    if not 0 < fraction <= 1:
+        raise DataError(f"a labelled fraction must be in (0, 1], got {fraction}")
+    train = [i for i, r in enumerate(records) if r.split == "train" and r.label is not None]
+    if fraction == 1 or not train:
+        return list(records)
+    patients: dict[str, list[int]] = defaultdict(list)
+    for i in train:
+        r = records[i]
+        patients[r.patient_id or f"image:{r.path}"].append(i)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for patient, members in patients.items():  # a patient counts for its most frequent label
+        labels = Counter(records[i].label for i in members)
+        by_class[min(labels, key=lambda lab: (-labels[lab], lab))].append(patient)
+    keep: set[int] = set()
+    for label in sorted(by_class):
+        units = sorted(by_class[label])
+        random.Random(f"{seed}:{label}").shuffle(units)
+        wanted = fraction * sum(len(patients[p]) for p in units)
+        taken = 0
+        for patient in units:
+            if taken and taken + len(patients[patient]) / 2 > wanted:
+                break
+            keep.update(patients[patient])
+            taken += len(patients[patient])
+    dropped = set(train) - keep
+    return [r for i, r in enumerate(records) if i not in dropped]
