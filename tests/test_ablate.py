@@ -150,5 +150,5 @@ def test_ablate_end_to_end_and_continues(cli, tiny_labelled_folder, tmp_path, mo
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["points"] == study["points"]
 
-    other = cli(*[a if a != "0.5" else "1" for a in args])
-    assert other.exit_code == 1 and "other settings (fractions)" in other.output
+    other = cli(*[a if a != "1e-3,1e-4" else "1e-3" for a in args])
+    assert other.exit_code == 1 and "other settings (plain_lrs)" in other.output

@@ -16,7 +16,8 @@ scored on the same test images:
 Run folder: ``OUT/splits.csv``, ``OUT/cae/`` (pretraining), ``OUT/f<percent>/`` per fraction (its
 ``splits.csv`` and one run folder per arm, each with ``best/eval-test/``), and ``OUT/ablation.json``,
 ``ablation.csv``, ``comparisons.csv``, ``ablation.png``. Running the same command again continues an
-interrupted study: finished arms are read back, an interrupted training run is resumed.
+interrupted study: finished arms are read back, an interrupted training run is resumed; other
+``--fractions`` add (or leave out) points of the curve without retraining the others.
 """
 
 from __future__ import annotations
@@ -82,11 +83,11 @@ class AblationConfig:
             raise CxrcaeError("--plain-lrs needs positive learning rates (e.g. 1e-3,1e-4)")
 
     def settings(self) -> dict[str, Any]:
-        """What must match for a rerun to continue the same study (devices and workers may change)."""
+        """What must match for a rerun to continue the same study. Devices and workers may change, and so
+        may the fractions: each point of the curve is trained on its own, so a rerun can add points."""
         data = asdict(self)
-        for key in ("device", "num_workers"):
+        for key in ("device", "num_workers", "fractions"):
             data.pop(key)
-        data["fractions"] = sorted(float(f) for f in self.fractions)
         data["plain_lrs"] = [float(lr) for lr in self.plain_lrs]
         return data
 
@@ -403,7 +404,7 @@ def _write_outputs(out: Path, result: AblationResult, cfg: AblationConfig) -> di
         "plot": out / "ablation.png",
     }
     result.files = {k: str(v) for k, v in files.items()}
-    study = {"settings": cfg.settings(), **result.to_dict()}
+    study = {"settings": {**cfg.settings(), "fractions": sorted(cfg.fractions)}, **result.to_dict()}
     atomic_write_text(files["json"], json.dumps(_clean(study), indent=2, default=str) + "\n")
     _write_csv(files["csv"], arm_rows(result.points))
     _write_csv(files["comparisons"], comparison_rows(result.points))
