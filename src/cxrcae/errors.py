@@ -34,3 +34,11 @@ class CheckpointError(CxrcaeError):
 
 class DownloadError(CxrcaeError):
     """A download failed, was cut, or did not match its checksum."""
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` on Python 3.11+, the same ``__notes__`` list on 3.10 (the CLI reads it)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]

@@ -33,16 +33,21 @@ class CleanError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
+        from rich.markup import escape
+
         from cxrcae.cli.common import err_console
 
-        err_console.print(f"[bold red]Error:[/] {self.message}", highlight=False, soft_wrap=True)
+        # escaped: messages are plain text; `pip install "cxrcae[serve]"` must not lose "[serve]" as markup
+        err_console.print(f"[bold red]Error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
 
 
 # The order a user meets the commands in: the bundled model first, then data, training, results, sharing.
 COMMAND_ORDER = (
     "samples",
     "predict",
+    "serve",
     "reproduce",
+    "ablate",
     "fetch",
     "audit",
     "split",
@@ -50,6 +55,7 @@ COMMAND_ORDER = (
     "finetune",
     "evaluate",
     "calibrate",
+    "calibrate-ood",
     "reconstruct",
     "embed",
     "export",
@@ -81,17 +87,22 @@ class _Group(TyperGroup):
         except (click.ClickException, typer.Abort, typer.Exit):
             raise
         except CxrcaeError as exc:
-            raise CleanError(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise CleanError("interrupted", 130) from None
+            raise CleanError(_with_notes(str(exc), exc), exc.exit_code) from None
+        except KeyboardInterrupt as exc:  # the core's notes say what was kept and how to resume
+            raise CleanError(_with_notes("interrupted", exc), 130) from None
         except OSError as exc:
-            raise CleanError(_describe_os_error(exc)) from None
+            raise CleanError(_with_notes(_describe_os_error(exc), exc)) from None
         except Exception as exc:  # a bug: keep the message short, the traceback on request
             if os.environ.get("CXRCAE_DEBUG"):
                 raise
             raise CleanError(
                 f"internal error: {type(exc).__name__}: {exc} (set CXRCAE_DEBUG=1 for the traceback)"
             ) from None
+
+
+def _with_notes(message: str, exc: BaseException) -> str:
+    """``message`` and the notes the core added to ``exc`` (``add_note``), still one line."""
+    return "; ".join([message, *getattr(exc, "__notes__", ())])
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -3,8 +3,12 @@
 Everything that accepts a model (predict, evaluate, embed, finetune's ``--encoder``, ``load_model``,
 ``load_encoder``) goes through ``resolve_checkpoint``: a folder is used as is, a Hub id is downloaded into
 the Hugging Face cache (config, safetensors weights and card only, all from one commit) and the snapshot
-folder is used. Hub settings (``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) are
-huggingface_hub's own, read from ``huggingface_hub.constants``; nothing here re-derives them.
+folder is used. A Hub repo is untrusted input: each file's size, as the Hub declares it, is checked before
+it is downloaded (config.json and the card up to ``CONFIG_MAX_BYTES``, the weights up to what the model
+that config.json describes holds), config.json is validated before the weights are fetched, and a repo
+that has only pickled weights is refused without downloading them. Hub settings (``HF_ENDPOINT``,
+``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) are huggingface_hub's own, read from
+``huggingface_hub.constants``; nothing here re-derives them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -29,11 +33,15 @@ from cxrcae import bundled
 from cxrcae.errors import CheckpointError, CxrcaeError, DownloadError
 from cxrcae.models.checkpoint import (
     CARD_NAME,
+    CONFIG_MAX_BYTES,
     CONFIG_NAME,
     WEIGHTS_NAME,
     encoder_state_of_folder,
+    expected_tensors,
     load_folder,
     load_state_strict,
+    max_weights_bytes,
+    read_config,
 )
 from cxrcae.models.encoder import PretrainedEncoder
 
@@ -108,13 +116,21 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
     offline = hub_offline()
     common: dict[str, Any] = {"repo_id": repo_id, "local_files_only": offline, "token": token}
 
-    def fetch(filename: str, rev: str | None) -> Path:
+    def fetch(filename: str, rev: str | None, limit: int) -> Path:
+        if not offline:  # the declared size first: nothing larger than ``limit`` is downloaded
+            url = hf_hub_url(repo_id, filename, revision=rev, endpoint=hub_endpoint())
+            size = get_hf_file_metadata(url, token=token).size
+            if size is not None and size > limit:
+                raise CheckpointError(
+                    f"{where}: {filename} is {size:,} bytes, more than the {limit:,} a cxrcae checkpoint "
+                    "needs; refused"
+                )
         return Path(hf_hub_download(filename=filename, revision=rev, **common))
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
         try:
-            config_path = fetch(CONFIG_NAME, revision)
+            config_path = fetch(CONFIG_NAME, revision, CONFIG_MAX_BYTES)
         except (LocalEntryNotFoundError, OfflineModeIsEnabled):
             if offline:
                 raise DownloadError(
@@ -127,14 +143,14 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
         folder = config_path.parent
         commit = folder.name  # snapshots/<commit>/: pin the other files to the very same commit
         try:
-            fetch(WEIGHTS_NAME, commit)
+            fetch(WEIGHTS_NAME, commit, max_weights_bytes(expected_tensors(read_config(folder))))
         except EntryNotFoundError:
             raise CheckpointError(
                 f"{where}: no {WEIGHTS_NAME} in the repo{_other_weights_hint(repo_id, commit, token)}; "
                 "cxrcae only loads safetensors weights (pickled .bin/.pt/.ckpt files are never loaded)"
             ) from None
         try:
-            fetch(CARD_NAME, commit)
+            fetch(CARD_NAME, commit, CONFIG_MAX_BYTES)
         except EntryNotFoundError:
             pass  # a card is welcome, not required
     except (CxrcaeError, KeyboardInterrupt):

@@ -23,7 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from cxrcae._atomic import atomic_write_bytes, atomic_write_text
+from cxrcae._atomic import atomic_write_many, atomic_write_text
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.card import build_card
 from cxrcae.hub.resolve import (
@@ -105,16 +105,16 @@ def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -
     folder = download_checkpoint(ref, token=token)
     commit = download_commit(folder)
     files = [name for name in HUB_FILES if (folder / name).is_file()]
+    _, config = load_checkpoint(folder)  # strict, bounded, before anything is copied out of the cache
     if out is not None:
         dest = Path(out).expanduser()
         if dest.exists() and not dest.is_dir():
             raise CxrcaeError(f"{dest}: exists and is not a folder")
-        # weights first, config last (as save_checkpoint does): a half-copied folder never looks complete
-        for name in (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME):
-            if name in files:
-                atomic_write_bytes(dest / name, (folder / name).read_bytes())
+        # all written before any is renamed, config last (as save_checkpoint does): a failed copy leaves
+        # what was in ``dest`` before, and a copy never looks complete before it is
+        names = [name for name in (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME) if name in files]
+        atomic_write_many({dest / name: (folder / name).read_bytes() for name in names})
         folder = dest
-    _, config = load_checkpoint(folder)  # strict: refuses mismatched keys or a sha256 mismatch
     return PullResult(
         repo_id=repo_id,
         revision=revision,

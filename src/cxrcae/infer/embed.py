@@ -3,17 +3,23 @@
 Memory stays flat: images are decoded by ``cxrcae.infer.batches.iter_batches`` and each batch of features is
 appended to the output as it is computed. Files that cannot be read become ``error`` rows of the sidecar
 index CSV (``<output stem>.index.csv``: index, path, status, reason, row) and the run goes on; ``row`` is the
-feature row of each ``ok`` file. Outputs are written under a temporary name and renamed when complete; an
-interrupted run still finalises the rows already computed.
+feature row of each ``ok`` file. Outputs are written under a temporary name and renamed when complete.
+
+An interrupted run loses no finished row: each row (features included) is appended to ``OUTPUT.partial`` as
+soon as its batch is done (``cxrcae.infer.writers.RowJournal``), and ``resume=True`` (``embed --resume``)
+reuses the rows of unchanged files and computes the rest. Rows reach the output in input order, in chunks
+of ``batch_size`` feature rows whatever was reused, so a resumed run's files equal an uninterrupted run's.
+One command at a time writes an output (``locked_output``).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrcae._atomic import AtomicFile
+from cxrcae._atomic import AtomicFile, as_write_error
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import load_encoder
 from cxrcae.infer.batches import iter_batches
+from cxrcae.infer.writers import RowJournal, locked_output
 from cxrcae.io import find_images
 from cxrcae.models.encoder import PretrainedEncoder
 from cxrcae.progress import ProgressFn, no_progress
@@ -114,7 +121,10 @@ class _NpyWriter:
             raise CxrcaeError("feature shape too long for the .npy header")  # pragma: no cover
         self.f.seek(0)
         self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10) + body + b" " * pad + b"\n")
-        self.target.commit()
+        self.target.commit(rename=False)  # renamed with the index, by embed
+
+    def discard(self) -> None:
+        self.target.discard()
 
 
 class _SafetensorsWriter:
@@ -161,7 +171,10 @@ class _SafetensorsWriter:
             raise CxrcaeError("safetensors metadata too long")  # pragma: no cover
         self.f.seek(0)
         self.f.write(struct.pack("<Q", self.RESERVED) + text + b" " * (self.RESERVED - len(text)))
-        self.target.commit()
+        self.target.commit(rename=False)  # renamed with the index, by embed
+
+    def discard(self) -> None:
+        self.target.discard()
 
 
 class _ParquetWriter:
@@ -203,7 +216,15 @@ class _ParquetWriter:
             pq.write_table(schema.empty_table().replace_schema_metadata(self.metadata), self.target.file)
         else:
             self.writer.close()
-        self.target.commit()
+        self.target.commit(rename=False)  # renamed with the index, by embed
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()  # pyarrow's writer owns the file object; the file goes anyway
+            except Exception:
+                pass
+        self.target.discard()
 
 
 _WRITERS = {"npy": _NpyWriter, "safetensors": _SafetensorsWriter, "parquet": _ParquetWriter}
@@ -224,11 +245,17 @@ def embed(
     precision: str = "fp32",
     recursive: bool = True,
     progress: ProgressFn = no_progress,
+    resume: bool = False,
 ) -> EmbedResult:
-    """Encode every image in ``inputs`` (files, folders, globs) with ``model``'s encoder into ``output``."""
+    """Encode every image in ``inputs`` (files, folders, globs) with ``model``'s encoder into ``output``.
 
-    output = Path(output)
+    ``resume``: continue an interrupted run of the same settings from ``OUTPUT.partial`` (module docstring).
+    """
+
+    output = Path(output).expanduser()
     fmt = output_format(output)
+    if batch_size < 1:
+        raise CxrcaeError(f"batch size must be at least 1, got {batch_size}")
     files, skipped = find_images(inputs, recursive=recursive)
     if not files:
         raise CxrcaeError(f"no image files found in {', '.join(map(str, inputs))}")
@@ -245,43 +272,46 @@ def embed(
         "resize_mode": encoder.resize_mode,
         "precision": str(dtype or "fp32").replace("torch.", ""),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**metadata, "device": str(dev)}
+    if fmt == "parquet":  # one row group per batch: the same batch size gives the same file
+        settings["batch_size"] = batch_size
     idx_path = index_path(output)
-    writer = _WRITERS[fmt](output, metadata)
-    failures: list[tuple[int, str, str]] = []
+    paths = [str(p) for p in files]
     start = time.perf_counter()
-    done = 0
-    try:
+    with locked_output(output, idx_path), RowJournal(output, settings, resume=resume) as journal:
+        saved = {i for i, p in enumerate(paths) if journal.has(p)}
+        computed = _computed_rows(
+            paths, saved, journal, encoder, dev, dtype, batch_size, num_workers, progress
+        )
+        writer = _WRITERS[fmt](output, metadata)
         index_target = AtomicFile(idx_path, "w", newline="")
-        with index_target.file as index_file:
-            index = csv.writer(index_file)
-            index.writerow(INDEX_COLUMNS)
-            try:
-                for batch in iter_batches(
-                    files, encoder.image_size, encoder.resize_mode, batch_size, num_workers
-                ):
-                    rows: dict[int, list[Any]] = {}
-                    if batch.indices:
-                        with torch.inference_mode(), autocast(dev, dtype):
-                            feats = encoder(batch.images.to(dev))
-                        first = writer.rows
-                        writer.write(feats.float().cpu().numpy(), batch.indices, batch.paths)
-                        for k, (i, p) in enumerate(zip(batch.indices, batch.paths)):
-                            rows[i] = [i, p, "ok", "", first + k]
-                    for i, p, reason in batch.errors:
-                        failures.append((i, p, reason))
-                        rows[i] = [i, p, "error", reason, ""]
-                    index.writerows(rows[i] for i in sorted(rows))
-                    done += len(batch)
-                    rate = writer.rows / max(time.perf_counter() - start, 1e-9)
-                    progress("embed", done, len(files), f"{rate:.1f} img/s")
-            finally:
-                for path, reason in skipped:
-                    index.writerow(["", str(path), "skipped", reason, ""])
-    finally:  # also on Ctrl-C: keep (and finalise) every row already computed
-        writer.shape = writer.shape or _feature_shape(encoder, pooled)
-        writer.close()
-        index_target.commit()
+        failures: list[tuple[int, str, str]] = []
+        try:
+            index = _IndexWriter(index_target)
+            index.row(INDEX_COLUMNS)
+            chunk: list[tuple[int, str, np.ndarray]] = []
+            for i, path in enumerate(paths):
+                status, reason, feats = _saved_row(journal, path) if i in saved else next(computed)
+                if status == "ok":
+                    index.row([i, path, "ok", "", writer.rows + len(chunk)])
+                    chunk.append((i, path, feats))
+                    if len(chunk) == batch_size:
+                        _write_chunk(writer, chunk)
+                else:
+                    failures.append((i, path, reason))
+                    index.row([i, path, "error", reason, ""])
+            _write_chunk(writer, chunk)
+            for path, reason in skipped:
+                index.row(["", str(path), "skipped", reason, ""])
+            writer.shape = writer.shape or _feature_shape(encoder, pooled)
+            writer.close()
+            index_target.commit(rename=False)
+            writer.target.rename()  # both files are on disk: only two renames left
+            index_target.rename()
+        except BaseException:
+            writer.discard()
+            index_target.discard()
+            raise
     return EmbedResult(
         output=output,
         index_csv=idx_path,
@@ -292,6 +322,87 @@ def embed(
         failures=failures,
         skipped=[(str(p), r) for p, r in skipped],
     )
+
+
+def _computed_rows(
+    paths: list[str],
+    saved: set[int],
+    journal: RowJournal,
+    encoder: PretrainedEncoder,
+    dev: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int,
+    num_workers: int,
+    progress: ProgressFn,
+) -> Iterator[tuple[str, str, np.ndarray | None]]:
+    """(status, reason, features) of each input not in ``saved``, in input order; every batch's rows go
+    to the journal before they are handed on."""
+    todo = [i for i in range(len(paths)) if i not in saved]
+    done, ok = len(saved), 0
+    start = time.perf_counter()
+    progress("embed", done, len(paths), "")
+    batches = iter_batches(
+        [paths[i] for i in todo], encoder.image_size, encoder.resize_mode, batch_size, num_workers
+    )
+    for batch in batches:
+        rows: dict[int, tuple[str, str, str, np.ndarray | None]] = {}
+        if batch.indices:
+            with torch.inference_mode(), autocast(dev, dtype):
+                feats = encoder(batch.images.to(dev)).float().cpu().numpy()
+            for k, (j, p) in enumerate(zip(batch.indices, batch.paths)):
+                rows[j] = (p, "ok", "", np.ascontiguousarray(feats[k], dtype="<f4"))
+        for j, p, reason in batch.errors:
+            rows[j] = (p, "error", reason, None)
+        for j in sorted(rows):
+            p, status, reason, f = rows[j]
+            data: dict[str, Any] = {"row": {"status": status, "reason": reason}}
+            if f is not None:
+                data |= {"features": base64.b64encode(f.tobytes()).decode("ascii"), "shape": list(f.shape)}
+            journal.record(p, data)
+        done += len(batch)
+        ok += len(batch.indices)
+        progress("embed", done, len(paths), f"{ok / max(time.perf_counter() - start, 1e-9):.1f} img/s")
+        for j in sorted(rows):
+            yield rows[j][1:]
+
+
+def _saved_row(journal: RowJournal, path: str) -> tuple[str, str, np.ndarray | None]:
+    """(status, reason, features) of ``path`` as the interrupted run computed them."""
+    record = journal.saved(path)
+    row = record["row"]
+    if row["status"] != "ok":
+        return row["status"], row["reason"], None
+    features = np.frombuffer(base64.b64decode(record["features"]), dtype="<f4")
+    return "ok", "", features.reshape(record["shape"])
+
+
+def _write_chunk(writer: Any, chunk: list[tuple[int, str, np.ndarray]]) -> None:
+    """Hand ``chunk``'s rows to the output writer as one block and empty it."""
+    if chunk:
+        feats, indices, paths = (
+            np.stack([f for _, _, f in chunk]),
+            [i for i, *_ in chunk],
+            [p for _, p, _ in chunk],
+        )
+        try:
+            writer.write(feats, indices, paths)
+        except OSError as exc:  # a full disk names the output, not a temporary
+            raise as_write_error(writer.target.path, exc, own=False) from None
+        chunk.clear()
+
+
+class _IndexWriter:
+    """CSV rows into the index's temporary file; a failed write names the index file."""
+
+    def __init__(self, target: AtomicFile):
+        self.target = target
+        self.csv = csv.writer(target.file)
+
+    def row(self, values: Sequence[Any]) -> None:
+        try:
+            self.csv.writerow(values)
+        except OSError as exc:
+            raise as_write_error(self.target.path, exc, own=False) from None
 
 
 def _feature_shape(encoder: PretrainedEncoder, pooled: bool) -> tuple[int, ...]:

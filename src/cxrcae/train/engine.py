@@ -6,7 +6,10 @@
 3. The loop: ``fit`` runs the stages. Each stage builds a fresh Adam over the parameters it trains and runs up
    to its epoch budget with early stopping on validation loss; the next stage starts from the best weights so
    far (Keras ``restore_best_weights`` semantics). After every epoch OUT/history.csv and the resume state
-   OUT/last/ are rewritten (``cxrcae.train.state``); OUT/best/ whenever the validation loss improves.
+   OUT/last/ are rewritten (``cxrcae.train.state``; a first one before epoch 1); OUT/best/ whenever the
+   validation loss improves. These writes finish before a Ctrl-C takes effect, and an interrupted run says
+   how to resume it; a SIGKILL at any moment costs at most the epoch in progress (``--resume``). A run
+   holds its folder's lock (``run_lock``) from start to end, so a second command cannot write into it.
    A stage that trains no encoder parameter, without augmentation, runs the encoder once and trains the
    head on its cached features (``cxrcae.train.features``): the same batches and results, far faster.
    Under ``torchrun`` this process is one of several (``cxrcae.train.distributed``): the training step runs
@@ -24,6 +27,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrcae._atomic import atomic_write_text
-from cxrcae.errors import CxrcaeError
+from cxrcae._atomic import atomic_write_text, uninterrupted
+from cxrcae.errors import CxrcaeError, add_note
 from cxrcae.eval.metrics import classification_metrics
 from cxrcae.hub.card import build_card
+from cxrcae.locking import hold
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name
@@ -45,7 +50,7 @@ from cxrcae.train import distributed
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
 from cxrcae.train.features import HeadOnly, encode, use_cached_features
-from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state
+from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state, saved_epoch
 
 BEST = "best"
 HISTORY_NAME = "history.csv"
@@ -260,6 +265,13 @@ class TrainResult:
         return asdict(self)
 
 
+def run_lock(out_dir: str | Path):
+    """``with run_lock(OUT):`` the run folder is this run's until the block ends (``cxrcae.locking``): a
+    second pretrain, finetune or resume of OUT is refused, naming this process. Under torchrun the
+    processes are one run: rank 0, the one that writes, holds the lock."""
+    return hold(out_dir, folder=True) if distributed.current().main else nullcontext()
+
+
 def check_out_dir(out_dir: str | Path) -> Path:
     """Create OUT, refusing one that already holds a run (it would mix two runs' files)."""
     out = Path(out_dir).expanduser()
@@ -430,11 +442,25 @@ Resume = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
     """Train ``run`` through its stages; returns a ``FitOutcome`` with the model holding the best weights.
 
-    Under torchrun, inside the process group of the run's processes (a plain run opens none)."""
+    Under torchrun, inside the process group of the run's processes (a plain run opens none). An
+    interrupted run (Ctrl-C) re-raises ``KeyboardInterrupt`` with a note saying how to resume it."""
     with distributed.process_group(run.rt.device) as world:
         if not world.main:
             run = replace(run, progress=no_progress)
-        return _fit(run, resume, world)
+        try:
+            return _fit(run, resume, world)
+        except KeyboardInterrupt as exc:
+            if world.main:
+                add_note(exc, _resume_note(run))
+            raise
+
+
+def _resume_note(run: Run) -> str:
+    epoch = saved_epoch(run.out_dir)
+    if epoch is None:
+        return "nothing was saved yet: run the same command again"
+    done = f"saved after epoch {epoch}" if epoch else "saved before its first epoch"
+    return f"the run is {done}: continue it with `cxrcae {run.kind} --resume {run.out_dir}`"
 
 
 def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcome:
@@ -453,15 +479,22 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
         state, tensors, weights = resume
         history, stage_log, best = state["history"], state["stages_run"], state["best"]
         stage_index, stage_epoch, epoch = state["stage_index"], state["stage_epoch"], state["epoch"]
-        stopper = EarlyStopping.from_dict(state["stopper"])
+        stopper = EarlyStopping.from_dict(state["stopper"]) if state.get("stopper") else None
         run.objective.load_state(state.get("objective") or {})
         load_state_strict(model, weights, f"{out}/{LAST}")
         best_state = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        if stopper.stopped or stage_epoch >= run.stages[stage_index].epochs:
+        if stopper is None:
+            pass  # saved before its first epoch: the stage starts afresh
+        elif stopper.stopped or stage_epoch >= run.stages[stage_index].epochs:
             stage_index, stopper = stage_index + 1, None  # that stage had finished: start the next one
         else:
             resume_optimizer = optimizer_from_flat(tensors, state["optimizer"])
         restore_rng(tensors, state["rng"])
+    elif world.main:  # the first resume state: a run stopped in its first epoch resumes from here
+        with uninterrupted():
+            start = {"stage_index": 0, "stage_epoch": 0, "epoch": 0}
+            config = run.model_config(FitOutcome(history, best, stage_log).summary())
+            _save_state(run, None, start, history, stage_log, best, None, None, config)
 
     # built once; the training order of each epoch comes from reseeding its generator (see epoch_seed)
     train_loader, val_loader = _loaders(run, run.train_set, run.val_set, cfg.num_workers, world)
@@ -544,32 +577,52 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
                 stage_log[-1]["best_epoch"] = epoch
             if not world.main:
                 continue  # the other processes hold the same weights and write nothing
-            config = run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
-            if improved:
-                _save_best(model, out, config)
-            write_history(out / HISTORY_NAME, history)
             position = {"stage_index": si, "stage_epoch": stage_epoch, "epoch": epoch}
-            payload = {
-                **run.payload,
-                **position,
-                "history": history,
-                "stages_run": stage_log,
-                "best": best,
-                "stopper": stopper.to_dict(),
-                "objective": run.objective.state(),
-            }
-            save_resume_state(
-                out, model, config, optimizer, payload,
-                extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
-            )  # fmt: skip
+            with uninterrupted():  # a Ctrl-C from here on takes effect once the epoch is saved
+                config = run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
+                if improved:
+                    _save_best(model, out, config)
+                write_history(out / HISTORY_NAME, history)
+                _save_state(run, optimizer, position, history, stage_log, best, stopper, best_state, config)
         stopper = None
 
     if best_state is not None:
         load_state_strict(model, best_state, f"{out}/{BEST}")
     outcome = FitOutcome(history, best, stage_log, skipped, time.perf_counter() - started)
     if best_state is not None and world.main:  # final config (epochs run, stages) next to the best weights
-        _save_best(model, out, run.model_config(outcome.summary()))
+        with uninterrupted():
+            _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
+
+
+def _save_state(
+    run: Run,
+    optimizer: torch.optim.Optimizer | None,
+    position: dict[str, int],
+    history: list[dict[str, Any]],
+    stage_log: list[dict[str, Any]],
+    best: dict[str, Any],
+    stopper: EarlyStopping | None,
+    best_state: dict[str, torch.Tensor] | None,
+    config: dict[str, Any],
+) -> None:
+    """OUT/last after ``position`` (``cxrcae.train.state``), with checkpoint ``config``.
+
+    Written after OUT/best and history.csv: a kill before it resumes from the previous state and writes
+    the same best/ and history again."""
+    payload = {
+        **run.payload,
+        **position,
+        "history": history,
+        "stages_run": stage_log,
+        "best": best,
+        "stopper": stopper.to_dict() if stopper is not None else None,
+        "objective": run.objective.state(),
+    }
+    save_resume_state(
+        run.out_dir, run.model, config, optimizer, payload,
+        extra_tensors={f"best.{k}": v for k, v in (best_state or {}).items()},
+    )  # fmt: skip
 
 
 def _loaders(

@@ -43,6 +43,7 @@ from cxrcae.train.engine import (
     TrainResult,
     check_out_dir,
     fit,
+    run_lock,
     train_result,
 )
 from cxrcae.train.plots import loss_curves, reconstruction_grid
@@ -60,7 +61,7 @@ def pretrain(
     cfg = cfg or PretrainConfig()
     cfg.validate()
     out = check_out_dir(out_dir)
-    with reproducible(cfg.seed):
+    with run_lock(out), reproducible(cfg.seed):  # one writer per run folder (cxrcae.locking)
         tdata = pretrain_data(data, out, cfg.val_fraction, cfg.seed, progress)
         return run_pretrain(tdata, out, cfg, progress)
 

@@ -1,18 +1,25 @@
-"""``--resume OUT``: rebuild an interrupted run from OUT/last and continue it to the same final weights."""
+"""``--resume OUT``: rebuild an interrupted run from OUT/last and continue it to the same final weights.
+
+Whatever stopped the run (Ctrl-C, SIGKILL, a full disk, a power cut after the last fsync), the resumed run
+ends with the weights an uninterrupted run would have reached, bit for bit on the same CPU: it holds the
+run's lock, first puts the newest complete resume state in place (``recover_resume_folder``) and removes the
+temporaries the dead process left, then continues after the last completed epoch.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from cxrcae._atomic import sweep_temporaries
 from cxrcae.errors import CheckpointError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import reproducible
 from cxrcae.train.config import FinetuneConfig, PretrainConfig
 from cxrcae.train.data import resumed_data
-from cxrcae.train.engine import TrainResult
+from cxrcae.train.engine import BEST, TrainResult, run_lock
 from cxrcae.train.finetuning import run_finetune
 from cxrcae.train.pretraining import run_pretrain
-from cxrcae.train.state import load_resume_state
+from cxrcae.train.state import LAST, load_resume_state, recover_resume_folder
 
 
 def resume_run(
@@ -31,6 +38,18 @@ def resume_run(
     """
 
     out = Path(out_dir).expanduser()
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: no such run folder")
+    with run_lock(out):
+        recover_resume_folder(out)
+        for folder in (out, out / BEST, out / LAST):
+            sweep_temporaries(folder)
+        return _resume(out, progress, task, device, num_workers)
+
+
+def _resume(
+    out: Path, progress: ProgressFn, task: str | None, device: str | None, num_workers: int | None
+) -> TrainResult:
     state, tensors, weights = load_resume_state(out)
     kind = state.get("kind")
     if task is not None and kind != task:

@@ -11,7 +11,11 @@ Layout of OUT/last/ (written after every epoch):
   two weight files so a mixed folder is refused.
 
 The folder is written as ``.last-tmp`` and swapped in with renames, so a crash leaves either the previous
-or the new state, never half of one.
+or the new state, never half of one: ``find_resume_folder`` takes the newest complete one and
+``recover_resume_folder`` (run under the run's lock before resuming) puts it back in place. A write that
+fails (full disk, read-only folder) removes its half-written ``.last-tmp`` and leaves OUT/last as it was.
+The first state is written before the first epoch (position 0: initial weights, no optimizer state yet), so
+a run interrupted at any moment can be resumed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from cxrcae._atomic import atomic_write_bytes, atomic_write_text
+from cxrcae._atomic import WriteError, atomic_write_bytes, atomic_write_text
 from cxrcae.errors import CheckpointError
 from cxrcae.models.checkpoint import read_weights, save_checkpoint
 
@@ -40,8 +44,12 @@ STATE_JSON = "state.json"
 STATE_VERSION = 1
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-ready values."""
+def optimizer_to_flat(
+    optimizer: torch.optim.Optimizer | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-ready values (None: none)."""
+    if optimizer is None:
+        return {}, None
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -96,34 +104,42 @@ def save_resume_state(
     out_dir: Path,
     model: nn.Module,
     model_config: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     payload: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write OUT/last/ (see module docstring); ``payload`` is the JSON part (position, history, ...).
 
-    ``extra_tensors`` (e.g. the best weights so far as ``best.<key>``) go into state.safetensors.
+    ``extra_tensors`` (e.g. the best weights so far as ``best.<key>``) go into state.safetensors;
+    ``optimizer`` is None before the first epoch. On failure nothing half-written is left and OUT/last is
+    unchanged.
     """
 
     out_dir = Path(out_dir)
     tmp, old, last = out_dir / _TMP, out_dir / _OLD, out_dir / LAST
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp, model_config)
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = capture_rng()
-    extra = {k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()}
-    blob = save({**opt_tensors, **rng_tensors, **extra}, metadata={"format": "pt"})
-    atomic_write_bytes(tmp / STATE_TENSORS, blob)
-    weights_sha = json.loads((tmp / "config.json").read_text("utf-8"))["weights_sha256"]
-    state = {
-        "state_version": STATE_VERSION,
-        **payload,
-        "optimizer": opt_meta,
-        "rng": rng_meta,
-        "weights_sha256": weights_sha,
-        "state_sha256": hashlib.sha256(blob).hexdigest(),
-    }
-    atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1) + "\n")
+    try:
+        save_checkpoint(model, tmp, model_config)
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        rng_tensors, rng_meta = capture_rng()
+        extra = {k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()}
+        blob = save({**opt_tensors, **rng_tensors, **extra}, metadata={"format": "pt"})
+        atomic_write_bytes(tmp / STATE_TENSORS, blob)
+        weights_sha = json.loads((tmp / "config.json").read_text("utf-8"))["weights_sha256"]
+        state = {
+            "state_version": STATE_VERSION,
+            **payload,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+            "weights_sha256": weights_sha,
+            "state_sha256": hashlib.sha256(blob).hexdigest(),
+        }
+        atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1) + "\n")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk: name what could not be saved, not its temporary
+            raise WriteError(last, exc) from None
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if last.exists():
         last.rename(old)
@@ -132,13 +148,41 @@ def save_resume_state(
     return last
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_JSON).is_file()  # state.json is written last
+
+
 def find_resume_folder(out_dir: Path) -> Path:
-    """OUT/last, or the complete half of an interrupted swap."""
+    """The newest complete resume state: a finished ``.last-tmp`` (a swap cut short) is newer than OUT/last,
+    which is newer than ``.last-old``."""
     out_dir = Path(out_dir)
-    for name in (LAST, _TMP, _OLD):
-        if (out_dir / name / STATE_JSON).is_file():
+    for name in (_TMP, LAST, _OLD):
+        if _complete(out_dir / name):
             return out_dir / name
     raise CheckpointError(f"{out_dir}: no resume state found (expected {LAST}/{STATE_JSON})")
+
+
+def recover_resume_folder(out_dir: Path) -> Path:
+    """Finish or undo a swap a killed process left half done, so that OUT/last is the newest complete
+    state and no ``.last-tmp``/``.last-old`` remains. Only while holding the run's lock."""
+    out_dir = Path(out_dir)
+    tmp, old, last = out_dir / _TMP, out_dir / _OLD, out_dir / LAST
+    newest = find_resume_folder(out_dir)
+    if newest != last:
+        shutil.rmtree(last, ignore_errors=True)  # older than ``newest``, or never finished
+        newest.rename(last)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return last
+
+
+def saved_epoch(out_dir: Path) -> int | None:
+    """The epoch the newest resume state in ``out_dir`` ends with (0: before the first), or None."""
+    try:
+        folder = find_resume_folder(out_dir)
+        return int(json.loads((folder / STATE_JSON).read_text("utf-8"))["epoch"])
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_resume_state(out_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

@@ -51,13 +51,23 @@ def embed_command(
     precision: Annotated[
         str, typer.Option("--precision", help="fp32 (reproducible features), bf16, fp16 (GPU) or auto.")
     ] = "fp32",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run: rows kept in OUTPUT.partial for unchanged files (same path, "
+            "size and mtime) are reused, the others computed.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Extract X-ray encoder features at scale, one row per readable image, in input order.
 
     Beside OUTPUT, <stem>.index.csv lists every input (index, path, status, reason, row): the feature row of
-    each file, or why it could not be read. Exit codes: 0 = all embedded; 3 = some files failed; 1 = none ran.
+    each file, or why it could not be read. Finished rows are kept in OUTPUT.partial until OUTPUT is written,
+    so an interrupted run continues with --resume. Exit codes: 0 = all embedded; 3 = some files failed;
+    1 = none ran.
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.infer.embed import embed, output_format
@@ -76,6 +86,7 @@ def embed_command(
             precision=precision,
             recursive=recursive,
             progress=progress,
+            resume=resume,
         )
     if json_out:
         print_json(result.to_dict())

@@ -98,6 +98,8 @@ def finetune_command(
 
     Each stage runs up to --epochs with early stopping on validation loss and restores the best weights.
     Writes OUT/best (the classifier), OUT/last (resume state), history.csv and loss_curve.png.
+    Interrupted (Ctrl-C, a kill, a full disk)? --resume OUT continues after the last finished epoch and ends
+    with the weights an uninterrupted run reaches. One command at a time writes OUT.
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.train import FinetuneConfig, finetune, resume_run

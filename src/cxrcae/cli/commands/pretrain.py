@@ -78,6 +78,8 @@ def pretrain_command(
     Writes OUT/best (the checkpoint to fine-tune from), OUT/last (resume state), history.csv,
     loss_curve.png and reconstructions.png, and compares the validation MSE with the MSE of always
     predicting the mean training image.
+    Interrupted (Ctrl-C, a kill, a full disk)? --resume OUT continues after the last finished epoch and ends
+    with the weights an uninterrupted run reaches. One command at a time writes OUT.
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.train import PretrainConfig, pretrain, resume_run
