@@ -205,3 +205,35 @@ def test_cli_audit_class_folder_keeps_labels(cli, tiny_labelled_folder):
         "PNEUMONIA": 30,
     }
     assert payload["has_splits"] is False and payload["leakage"] is False
+
+
+def test_checks_from_higher_layers_add_sections():
+    from cxrcae.data.audit import ImageHash, to_markdown
+
+    class Section:
+        key, title, notes = "probe", "A model check", ["sampled"]
+        warnings = ["the features see the source"]
+
+        def as_dict(self):
+            return {"score": 0.9}
+
+        def markdown(self):
+            return "## A model check\n\nscore 0.9\n"
+
+        def table(self):
+            return ["what", "score"], [["source", 0.9]]
+
+    seen = []
+
+    def check(records, progress):
+        seen.append(len(records))
+        return Section()
+
+    records = _rec("COVID", "a", 3) + _rec("NORMAL", "b", 3)
+    hashes = [ImageHash(exact=str(i), phash=i << 20) for i in range(len(records))]
+    report = audit_records(records, hashes=hashes, checks=[check])
+    assert seen == [6] and report.section_warnings == ["the features see the source"]
+    payload = report.as_dict()
+    assert payload["probe"] == {"score": 0.9} and payload["summary"]["check_warnings"] == 1
+    assert "## A model check" in to_markdown(report)
+    assert "check_warnings" not in audit_records(records, hashes=hashes).summary()

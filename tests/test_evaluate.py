@@ -156,3 +156,84 @@ def test_cli_evaluate_and_calibrate(cli, model_dir, splits_csv, tmp_path):
 
     folder_data = cli("calibrate", local, tmp_path / "nope.csv")
     assert folder_data.exit_code == 1 and "Traceback" not in folder_data.output
+
+
+@pytest.fixture(scope="module")
+def external_csv(splits_csv):
+    """The same 24 images as a manifest: no split column, extra view and age columns."""
+    rows = list(csv.DictReader(open(splits_csv, newline="")))
+    for i, row in enumerate(rows):
+        del row["split"]
+        row["view"] = "PA" if i % 3 else "AP"
+        row["age"] = str(20 + 3 * i)
+    path = splits_csv.parent / "external.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_manifest_without_split_is_external_with_subgroups(model_dir, external_csv, tmp_path):
+    import shutil
+
+    local = tmp_path / "clf"
+    shutil.copytree(model_dir, local)
+    result = evaluate(local, external_csv, by=["view", "age:20", "source+view"], n_bootstrap=100)
+    m = result.metrics
+    assert result.out_dir == local / "eval-external"
+    assert m["set"] == "external" and m["split"] is None and m["n"] == 24
+    assert list(m["subgroups"]) == ["view", "age:20", "source+view"] and "per_source" not in m
+    assert list(m["subgroups"]["age:20"]["groups"]) == ["20-39", "40-59", "60-79", "80-99"]
+    views = m["subgroups"]["view"]["groups"]
+    assert {k: g["n"] for k, g in views.items()} == {"AP": 8, "PA": 16}
+    assert all(g["small"] and g["flags"][0].startswith("n=") for g in views.values())  # all under 30
+    assert views["PA"]["ci"]["unit"] == "patient"
+    assert set(m["subgroups"]["source+view"]["groups"]) == {
+        f"site-{s} / {v}" for s in "ab" for v in ("AP", "PA")
+    }
+    with open(result.files["predictions"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert (
+        {r["set"] for r in rows} == {"external"} and rows[1]["age:20"] == "20-39" and rows[0]["view"] == "AP"
+    )
+    html = (local / "eval-external" / "report.html").read_text()
+    assert "external set" in html and "By age:20" in html and "fewer than 30 images" in html
+    assert "<tr class='marked'>" in html  # small subgroups stay in the table, shaded
+    assert json.loads((local / "eval-external" / "metrics.json").read_text())["set"] == "external"
+
+    with pytest.raises(DataError, match="'sex'"):  # before any image is run through the model
+        evaluate(local, external_csv, by=["sex"], write=False)
+
+
+def test_external_set_is_matched_against_the_models_own_test_split(model_dir, external_csv, tmp_path):
+    import hashlib
+    import shutil
+
+    local = tmp_path / "clf"
+    shutil.copytree(model_dir, local)
+    rows = list(csv.DictReader(open(external_csv, newline="")))
+    held = [external_csv.parent / r["path"] for r in rows[:5]]
+    with open(local / "test_split.csv", "w", newline="") as f:
+        f.write("path,label,sha256\n")
+        f.writelines(f"{p.name},COVID,{hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in held)
+    result = evaluate(local, external_csv, by=["in_model_test_split"], n_bootstrap=0, write=False)
+    assert result.metrics["model_test_split"]["in_test_split"] == 5
+    assert any("only 5 of 24 images" in n for n in result.notes)
+    groups = result.metrics["subgroups"]["in_model_test_split"]["groups"]
+    assert {k: g["n"] for k, g in groups.items()} == {"no": 19, "yes": 5}
+    assert [r["in_model_test_split"] for r in result.predictions[:6]] == ["yes"] * 5 + ["no"]
+    # a splits CSV is not an external set: no matching, the split is named
+    test = evaluate(local, external_csv.parent / "splits.csv", "test", n_bootstrap=0, write=False)
+    assert test.metrics["set"] == "test" and "model_test_split" not in test.metrics
+
+
+def test_cli_evaluate_by(cli, model_dir, external_csv, tmp_path):
+    out = tmp_path / "e"
+    args = ("--bootstrap", "50", "--num-workers", "0", "--out", out)
+    result = cli("evaluate", model_dir, external_csv, "--by", "source", "--by", "age:30", *args)
+    assert result.exit_code == 0, result.output
+    assert "external set" in result.output and "By source" in result.output and "By age:30" in result.output
+    assert "marked:" in result.output
+    bad = cli("evaluate", model_dir, external_csv, "--by", "age:x", *args)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output and "--by 'age:x'" in bad.output

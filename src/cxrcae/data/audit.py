@@ -8,6 +8,10 @@ datasets) and mix sources per class, two well-known ways to inflate results. ``a
 - leakage: a patient, or a duplicate group, present in more than one split;
 - source bias: per class, the share of its images that come from its largest source.
 
+Checks that need a model live in higher layers and plug in through ``checks`` (``AuditCheck``): each
+returns an ``AuditSection`` that the report stores, serialises and renders, so ``cxrcae audit --model``
+adds ``cxrcae.eval.shortcut``'s probe without this module importing any model code.
+
 Hashing runs on ``cxrcae.io.hash_files``' thread pool; pixel hashes already computed by a split
 (``SplitResult.pixel_hashes``) can be passed in and are not computed again. Unreadable images are listed
 and skipped, never fatal. ``LEAKAGE_EXIT_CODE`` is what ``cxrcae audit`` returns when it finds leakage, so
@@ -18,10 +22,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import imagehash
 import numpy as np
@@ -99,6 +103,28 @@ class DuplicateGroup:
         }
 
 
+class AuditSection(Protocol):
+    """A finding added to the audit by a check from a higher layer (such as the model shortcut probe)."""
+
+    key: str
+    """Its key in the JSON report."""
+    title: str
+    notes: list[str]
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+    def markdown(self) -> str: ...
+
+    def table(self) -> tuple[list[str], list[list[Any]]]: ...
+
+
+AuditCheck = Callable[[Sequence[Record], ProgressFn], AuditSection]
+"""``check(records, progress) -> AuditSection``: an extra audit step, run after the hashing checks."""
+
+
 @dataclass
 class AuditReport:
     """Everything ``audit_records`` found; ``leakage`` is what gates a pipeline."""
@@ -113,6 +139,11 @@ class AuditReport:
     has_splits: bool
     near_threshold: int | None
     dominance_threshold: float
+    sections: list[AuditSection] = field(default_factory=list)
+
+    @property
+    def section_warnings(self) -> list[str]:
+        return [w for s in self.sections for w in s.warnings]
 
     @property
     def leaking_groups(self) -> list[DuplicateGroup]:
@@ -135,6 +166,7 @@ class AuditReport:
             "dominance_threshold": self.dominance_threshold,
             "dominant_sources": self.dominant,
             "leakage": self.leakage,
+            **{s.key: s.as_dict() for s in self.sections},
             "summary": self.summary(),
         }
 
@@ -149,6 +181,7 @@ class AuditReport:
             "cross_split_groups": len(self.leaking_groups),
             "patients_in_several_splits": len(self.patient_leaks),
             "dominated_classes": len(self.dominant),
+            **({"check_warnings": len(self.section_warnings)} if self.sections else {}),
         }
 
 
@@ -203,11 +236,13 @@ def audit_records(
     progress: ProgressFn = no_progress,
     hashes: Sequence[ImageHash] | None = None,
     pixel_hashes: FileHashes[str] | None = None,
+    checks: Sequence[AuditCheck] = (),
 ) -> AuditReport:
     """Audit a manifest's or splits file's records; ``near_threshold=None`` skips near duplicates.
 
     ``hashes`` (one per record) skips hashing altogether; ``pixel_hashes`` (``SplitResult.pixel_hashes``
-    of the same files) skips only the exact pixel hashing. Either way the report is the same.
+    of the same files) skips only the exact pixel hashing. Either way the report is the same. ``checks``
+    run last, each adding its section (``cxrcae.eval.shortcut.ShortcutCheck`` for the model probe).
     """
     records = list(records)
     if hashes is None:
@@ -228,6 +263,7 @@ def audit_records(
         has_splits=any(r.split for r in records),
         near_threshold=near_threshold,
         dominance_threshold=dominance,
+        sections=[check(records, progress) for check in checks],
     )
 
 
@@ -351,6 +387,8 @@ def to_markdown(report: AuditReport, title: str = "Dataset audit", limit: int = 
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(row.values())} |")
     for d in report.dominant:
         lines.append(f"\n> Warning: {d['share']:.0%} of {d['label']} comes from {d['source']}.")
+    for section in report.sections:
+        lines += ["", section.markdown().rstrip("\n")]
     if report.patient_leaks:
         lines += [
             "",

@@ -40,6 +40,30 @@ class Record:
     split: str | None = None
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
 
+    def value(self, column: str) -> str | None:
+        """This image's value in a manifest column (a core field or one kept in ``extra``); None if empty.
+
+        Lets code that groups or filters by a user-named column (``evaluate --by view``) treat every column
+        alike, whether the Record has a field for it or not.
+        """
+        if column in _FIELDS:
+            value = getattr(self, column)
+            return None if value is None else str(value)
+        return self.extra.get(column) or None
+
+
+_FIELDS = (*CORE_COLUMNS, SPLIT_COLUMN)
+
+
+def record_columns(records: Iterable[Record]) -> list[str]:
+    """The columns with a value on at least one record: core fields first, then extras in first-seen order."""
+    records = list(records)
+    core = [c for c in _FIELDS if any(r.value(c) is not None for r in records)]
+    extra: dict[str, None] = {}
+    for r in records:
+        extra.update({c: None for c, v in r.extra.items() if v})
+    return core + list(extra)
+
 
 def class_names(records: Iterable[Record]) -> list[str]:
     """Sorted label names (unlabeled excluded): the stable index order saved with every model."""
@@ -235,7 +259,10 @@ def dataset_fingerprint(records: Iterable[Record]) -> str:
 def select_records(
     records: Sequence[Any], split: str | None, data: str | Path
 ) -> tuple[list[Any], str | None, list[str]]:
-    """The rows to evaluate: the ``split`` rows of a splits CSV, or every row of a folder/manifest."""
+    """The rows to evaluate: the ``split`` rows of a splits CSV, or every row of a folder/manifest.
+
+    The split used is returned; None means the data has no split column and is an external set.
+    """
     notes: list[str] = []
     splits = sorted({r.split for r in records if r.split is not None})
     if splits:
@@ -245,7 +272,10 @@ def select_records(
         if not chosen:
             raise DataError(f"{data}: no rows with split={split!r} (splits present: {', '.join(splits)})")
         return chosen, split, notes
-    notes.append(f"{data} has no split column: all {len(records)} rows evaluated (not a held-out split)")
+    notes.append(
+        f"{data} has no split column: evaluated as an external set (all {len(records)} rows; "
+        "not the held-out split of a training run)"
+    )
     return list(records), None, notes
 
 

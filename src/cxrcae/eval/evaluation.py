@@ -1,10 +1,17 @@
-"""Evaluate a fine-tuned classifier on a labelled split: metrics with 95% CIs, calibration, per-source view.
+"""Evaluate a fine-tuned classifier on a labelled split: metrics with 95% CIs, calibration, subgroups.
 
 ``evaluate(model, data, split="test")`` runs the model over the split (streamed, a bad file is an error row
 excluded from the metrics), computes the paper's metrics per class and macro/weighted with patient-level
-bootstrap intervals, the expected calibration error, a per-source breakdown (shortcut learning across
-sources is the known failure of COVID X-ray models), and writes ``metrics.json``, ``predictions.csv``, PNG
-figures and ``report.html`` into ``MODEL_DIR/eval-<split>`` (or ``out_dir``).
+bootstrap intervals, the expected calibration error, and per-subgroup metrics for each ``by`` spec
+(``cxrcae.eval.subgroups``; by default per ``source``, because shortcut learning across sources is the
+known failure of COVID X-ray models). It writes ``metrics.json``, ``predictions.csv``, PNG figures and
+``report.html`` into ``MODEL_DIR/eval-<split>`` (or ``out_dir``).
+
+Data without a split column (a manifest, a class folder) is evaluated whole as an **external** set and every
+output says so (``"set": "external"``). When the model folder lists its own held-out images
+(``test_split.csv`` with sha256, as the bundled model does), the images are matched against it by content,
+so an "external" evaluation that is really run on the model's training images is called out, and
+``--by in_model_test_split`` separates the two.
 
 With ``calibrate=True`` a temperature is first fitted on the ``val`` split and stored in the model's
 config.json; the test metrics then use it, and the uncalibrated ECE is reported alongside.
@@ -13,6 +20,7 @@ config.json; the test metrics then use it, and the uncalibrated ECE is reported 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -27,14 +35,24 @@ from torch import nn
 
 from cxrcae._atomic import atomic_open, atomic_write_text
 from cxrcae.data import dataset_fingerprint, load_records
-from cxrcae.data.records import check_labels, select_records
+from cxrcae.data.records import Record, check_labels, select_records
 from cxrcae.errors import DataError
 from cxrcae.eval import report
 from cxrcae.eval.calibration import fit_and_store, model_temperature, softmax
 from cxrcae.eval.metrics import expected_calibration_error, full_report
 from cxrcae.eval.report import fmt_ci, write_html
+from cxrcae.eval.subgroups import (
+    FEW_CLASS_N,
+    SMALL_GROUP_N,
+    GroupBy,
+    parse_specs,
+    subgroup_labels,
+    subgroup_metrics,
+    subgroup_table,
+)
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
+from cxrcae.io import hash_files
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
 
@@ -57,18 +75,25 @@ class EvaluationResult:
         """(columns, rows): per class, then macro and weighted, each value with its 95% CI."""
         return metrics_table(self.metrics)
 
-    def source_table(self) -> tuple[list[str], list[list[str]]] | None:
-        return source_table(self.metrics.get("per_source"), self.class_names)
+    def subgroup_tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
+        """(title, columns, rows) per ``by`` breakdown, in the order asked."""
+        return subgroup_tables(self.metrics)
 
     def __repr__(self) -> str:
         m = self.metrics
         return (
-            f"EvaluationResult(split={m['split']!r}, n={m['n']}, accuracy={m['accuracy']:.4f}, "
+            f"EvaluationResult(set={m['set']!r}, n={m['n']}, accuracy={m['accuracy']:.4f}, "
             f"macro_f1={m['macro']['f1']:.4f}, out_dir={str(self.out_dir)!r})"
         )
 
 
 METRIC_COLUMNS = ("precision", "recall", "specificity", "f1", "auc")
+EXTERNAL = "external"
+"""The ``set`` of data without a split column: evaluated whole, not a held-out split of a training run."""
+MODEL_TEST_SPLIT = "test_split.csv"
+"""A model folder's list of its own held-out test images (path, label, ..., sha256 of the file)."""
+IN_MODEL_TEST = "in_model_test_split"
+"""Derived column (yes/no) on an external set when the model lists its test images: usable with ``by``."""
 
 
 def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
@@ -91,29 +116,20 @@ def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
-def source_table(
-    per_source: dict | None, class_names: Sequence[str]
-) -> tuple[list[str], list[list[str]]] | None:
+def subgroup_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    names = metrics["class_names"]
+    tables = []
+    for spec, breakdown in (metrics.get("subgroups") or {}).items():
+        title = f"By {spec}" + (" (shortcut check)" if spec == "source" else "")
+        tables.append((title, *subgroup_table(breakdown, names, spec)))
+    return tables
 
-    if not per_source:
-        return None
-    columns = ["source", "n", *(f"n {c}" for c in class_names), "accuracy", "macro recall", "macro AUC"]
-    columns += [f"recall {c}" for c in class_names]
-    rows = []
-    for source, m in per_source.items():
-        ci = m.get("ci") or {}
-        rows.append(
-            [
-                source,
-                str(m["n"]),
-                *(str(m["per_class"][c]["support"]) for c in class_names),
-                fmt_ci(m["accuracy"], ci.get("accuracy")),
-                fmt_ci(m["macro"]["recall"], ci.get("macro", {}).get("recall")),
-                fmt_ci(m["macro"]["auc"], ci.get("macro", {}).get("auc")),
-                *(fmt_ci(m["per_class"][c]["recall"]) for c in class_names),
-            ]
-        )
-    return columns, rows
+
+def describe_set(metrics: dict) -> str:
+    """``split 'test'`` or ``external set (all rows)``: how every output names what was evaluated."""
+    if metrics.get("set", EXTERNAL) == EXTERNAL:
+        return "external set, all rows"
+    return f"split {metrics['split']!r}"
 
 
 def evaluate(
@@ -130,15 +146,18 @@ def evaluate(
     seed: int = 0,
     n_bins: int = 15,
     calibrate: bool = False,
+    by: Sequence[str] | None = None,
     html: bool = True,
     write: bool = True,
     progress: ProgressFn = no_progress,
 ) -> EvaluationResult:
     """Evaluate a classifier checkpoint (folder, Hub id or ``load_model`` object) on ``data``.
 
-    ``data`` is a splits CSV (its ``split`` rows are used), or a class folder / manifest (all rows; the
-    result says so). ``n_bootstrap`` resamples (patients when the data has patient ids) give 95% CIs; 0
-    turns them off. ``write=False`` computes without touching the disk.
+    ``data`` is a splits CSV (its ``split`` rows are used), or a class folder / manifest (all rows, as an
+    external set; the result says so). ``n_bootstrap`` resamples (patients when the data has patient ids)
+    give 95% CIs; 0 turns them off. ``by`` lists subgroup specs (``"source"``, ``"view"``, ``"age:10"``,
+    ``"source+view"``; see ``cxrcae.eval.subgroups``); None means per source when the data has sources, an
+    empty list no breakdown. ``write=False`` computes without touching the disk.
     """
 
     dev = resolve_device(device)
@@ -150,6 +169,16 @@ def evaluate(
     chosen, used_split, notes = select_records(records, split, data)
     chosen, label_notes = check_labels(chosen, names, data)
     notes += label_notes
+    set_name = used_split or EXTERNAL
+    derived: dict[str, list[str | None]] = {}
+    model_test = None
+    if set_name == EXTERNAL and folder is not None:
+        model_test = _model_test_overlap(folder, chosen, notes, progress)
+        if model_test:
+            derived[IN_MODEL_TEST] = model_test.pop("values")
+    breakdowns = _breakdowns(chosen, by)
+    # subgroup names now, so that a bad --by fails before any image goes through the model
+    labels = {b.spec: subgroup_labels(chosen, b, derived) for b in breakdowns}
 
     calibration_info = None
     if calibrate:
@@ -196,11 +225,29 @@ def evaluate(
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(y, softmax(logits), n_bins)
     if calibration_info:
         metrics["calibration"]["fit"] = calibration_info
-    metrics["per_source"] = _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins)
+    metrics["subgroups"] = {
+        b.spec: subgroup_metrics(
+            [labels[b.spec][i] for i in ok],
+            y,
+            probs,
+            names,
+            by=b,
+            groups=groups,
+            n_resamples=n_bootstrap,
+            seed=seed,
+            n_bins=n_bins,
+        )
+        for b in breakdowns
+    }
+    if "source" in metrics["subgroups"]:  # the layout model cards and earlier readers of metrics.json know
+        metrics["per_source"] = metrics["subgroups"]["source"]["groups"]
+    if model_test:
+        metrics["model_test_split"] = model_test
     metrics.update(
         {
             "model": str(folder) if folder else "(in-memory model)",
             "data": str(data),
+            "set": set_name,
             "split": used_split,
             "n_requested": len(paths),
             "n_errors": len(errors),
@@ -213,11 +260,13 @@ def evaluate(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )
-    rows = _prediction_rows(chosen, ok, errors, probs, names)
+    columns = {spec: [name for _, name in values] for spec, values in labels.items() if spec != "source"}
+    columns.update({c: v for c, v in derived.items() if c not in columns})
+    rows = _prediction_rows(chosen, ok, errors, probs, names, set_name, columns)
     out = None
     files: dict[str, Path] = {}
     if write:
-        out = Path(out_dir).expanduser() if out_dir else _default_out(folder, used_split)
+        out = Path(out_dir).expanduser() if out_dir else _default_out(folder, set_name)
         files = _write_outputs(out, metrics, rows, y, probs, names, html)
     return EvaluationResult(metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes)
 
@@ -229,8 +278,8 @@ def _local_folder(model_ref: Any) -> Path | None:
     return resolve_checkpoint(model_ref)
 
 
-def _default_out(folder: Path | None, split: str | None) -> Path:
-    name = f"eval-{split or 'all'}"
+def _default_out(folder: Path | None, set_name: str) -> Path:
+    name = f"eval-{set_name}"
     if folder is None:
         return Path.cwd() / name
     if not os.access(folder, os.W_OK) or in_hub_cache(folder):
@@ -238,31 +287,57 @@ def _default_out(folder: Path | None, split: str | None) -> Path:
     return folder / name
 
 
-def _per_source(kept, y, probs, names, n_bootstrap, seed, n_bins) -> dict[str, Any]:
-    """Metrics per ``source`` (when the data has one): the shortcut-learning check."""
+def _breakdowns(records: Sequence[Record], by: Sequence[str] | None) -> list[GroupBy]:
+    """The ``by`` specs parsed; by default per source, when the data has sources (the shortcut check)."""
+    if by is None:
+        by = ["source"] if any(r.source for r in records) else []
+    return parse_specs(by)
 
-    sources = [r.source for r in kept]
-    if not any(sources):
-        return {}
-    out = {}
-    for source in sorted({s or "(none)" for s in sources}):
-        mask = np.array([(s or "(none)") == source for s in sources])
-        report = full_report(
-            y[mask],
-            probs[mask],
-            names,
-            groups=[kept[i].patient_id for i in np.flatnonzero(mask)],
-            n_resamples=n_bootstrap,
-            seed=seed,
-            n_bins=n_bins,
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _model_test_overlap(
+    folder: Path, records: Sequence[Record], notes: list[str], progress: ProgressFn = no_progress
+) -> dict[str, Any] | None:
+    """Which of ``records`` are in the model's own recorded test split, matched by file content.
+
+    Only a model folder with ``test_split.csv`` (a ``sha256`` column) can say; otherwise None. Returns
+    ``{"file", "images", "in_test_split", "values": ["yes"/"no"/None per record]}`` and adds a note: an
+    "external" set that holds images the model was trained on overstates how well it generalises.
+    """
+    listed = folder / MODEL_TEST_SPLIT
+    if not listed.is_file():
+        return None
+    with open(listed, newline="", encoding="utf-8") as f:
+        digests = {row["sha256"] for row in csv.DictReader(f) if row.get("sha256")}
+    if not digests:
+        return None
+    found = hash_files(
+        [Path(r.path) for r in records], _sha256, progress=progress, task="matching the model's test split"
+    )
+    values = [
+        None
+        if Path(r.path) not in found.hashes
+        else ("yes" if found.hashes[Path(r.path)] in digests else "no")
+        for r in records
+    ]
+    inside = values.count("yes")
+    outside = len(values) - inside
+    if outside == 0:
+        notes.append(f"all {inside} images are in the model's own held-out test split ({listed})")
+    else:
+        notes.append(
+            f"only {inside} of {len(values)} images are in the model's own held-out test split ({listed}); "
+            f"the other {outside} may be images it was trained or validated on, so these figures overstate "
+            f"how it does on unseen data; --by {IN_MODEL_TEST} separates them"
         )
-        report["calibration"].pop("bins", None)
-        report.pop("class_names", None)
-        out[source] = report
-    return out
+    return {"file": str(listed), "images": len(values), "in_test_split": inside, "values": values}
 
 
-def _prediction_rows(chosen, ok, errors, probs, names) -> list[dict[str, Any]]:
+def _prediction_rows(chosen, ok, errors, probs, names, set_name, columns) -> list[dict[str, Any]]:
+    """One row per image (unreadable ones too): ``set``, then each subgroup column the ``by`` specs made."""
     by_index = {i: row for row, i in enumerate(ok)}
     reasons = {i: reason for i, _, reason in errors}
     rows = []
@@ -272,6 +347,8 @@ def _prediction_rows(chosen, ok, errors, probs, names) -> list[dict[str, Any]]:
             "label": r.label,
             "patient_id": r.patient_id or "",
             "source": r.source or "",
+            "set": set_name,
+            **{c: values[i] or "" for c, values in columns.items()},
         }
         if i in by_index:
             p = probs[by_index[i]]
@@ -344,7 +421,8 @@ def _write_html(path: Path, metrics: dict, images: list[Path]) -> Path:
     cal = metrics["calibration"]
     summary = [
         ("model", metrics["model"]),
-        ("data", f"{metrics['data']} (split: {metrics['split'] or 'all rows'})"),
+        ("data", f"{metrics['data']} ({describe_set(metrics)})"),
+        ("set", _set_text(metrics)),
         ("images", f"{metrics['n']} evaluated, {metrics['n_errors']} unreadable"),
         ("accuracy", fmt_ci(metrics["accuracy"], ci.get("accuracy"))),
         ("ECE", fmt_ci(cal["ece"], ci.get("ece"))),
@@ -355,9 +433,26 @@ def _write_html(path: Path, metrics: dict, images: list[Path]) -> Path:
         ),
     ]
     tables = [("Metrics (95% CI)", *metrics_table(metrics))]
-    sources = source_table(metrics.get("per_source"), metrics["class_names"])
-    if sources:
-        tables.append(("Per source", *sources))
-    return write_html(
-        path, f"cxrcae evaluation: {Path(metrics['model']).name}", summary, tables, images, metrics["notes"]
-    )
+    tables += subgroup_tables(metrics)
+    notes = list(metrics["notes"])
+    if any(g.get("small") for b in (metrics.get("subgroups") or {}).values() for g in b["groups"].values()):
+        notes.append(
+            f"Subgroups marked in the last column have fewer than {SMALL_GROUP_N} images or a class with "
+            f"fewer than {FEW_CLASS_N}: their intervals are wide; read them as unknown, not as good or bad."
+        )
+    title = f"cxrcae evaluation: {Path(metrics['model']).name}"
+    if metrics.get("set") == EXTERNAL:
+        title += " on an external set"
+    return write_html(path, title, summary, tables, images, notes)
+
+
+def _set_text(metrics: dict) -> str:
+    if metrics.get("set") != EXTERNAL:
+        return f"{metrics['set']} (split of {Path(metrics['data']).name})"
+    text = "external: the data has no split column, every row was evaluated"
+    overlap = metrics.get("model_test_split")
+    if overlap:
+        text += (
+            f"; {overlap['in_test_split']} of {overlap['images']} images are in the model's own test split"
+        )
+    return text

@@ -125,9 +125,20 @@ def fmt_ci(value: Any, ci: Sequence[float] | None = None, digits: int = 3) -> st
     return text
 
 
+MARKED_COLUMN = "marked"
+"""A table column of this name says why a row is to be read with care (a small subgroup); such rows are
+shaded in the HTML report, so they stay visible but do not read like the others."""
+
+
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    flag = list(columns).index(MARKED_COLUMN) if MARKED_COLUMN in columns else None
+    body = "".join(
+        ("<tr class='marked'>" if flag is not None and r[flag] else "<tr>")
+        + "".join(f"<td>{html.escape(str(v))}</td>" for v in r)
+        + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -146,7 +157,8 @@ def write_html(
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
-        "img{max-width:48%;margin:0.5%;border:1px solid #eee}.notes li{color:#8a5a00}</style></head><body>",
+        "img{max-width:48%;margin:0.5%;border:1px solid #eee}.notes li{color:#8a5a00}"
+        "tr.marked td{background:#fff4dc;color:#6b4a00}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         _table(["", ""], summary),
     ]

@@ -1,4 +1,4 @@
-"""``cxrcae audit``: duplicates, split leakage and source bias in a manifest or splits CSV (exit 3: leak)."""
+"""``cxrcae audit``: duplicates, split leakage, source bias and a model shortcut probe (exit 3: leakage)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import JsonOpt, QuietOpt, console, err_console, make_table, print_json
+from cxrcae.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    console,
+    err_console,
+    make_table,
+    print_json,
+)
 
 _SHOW = 10
 
@@ -42,6 +51,25 @@ def audit_command(
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Threads for hashing [default: CPUs, max 8].")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Also probe this model's encoder features for shortcuts: can they predict each image's "
+            "source? A checkpoint folder, a Hub id, or 'bundled' for the model shipped with cxrcae.",
+        ),
+    ] = None,
+    probe_images: Annotated[
+        int | None,
+        typer.Option(
+            "--probe-images",
+            min=10,
+            help="Probe a seeded sample of about this many images (whole patients) instead of all.",
+        ),
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -51,13 +79,31 @@ def audit_command(
     across sources; patients and duplicate images present in more than one split; and a class x source
     table warning when one source supplies most of a class.
 
+    With --model, a linear probe on the model's encoder features predicts each image's source and its
+    label (patient-grouped cross-validation), next to Cramer's V of class x source; a high source score
+    on confounded data is a warning.
+
     Exit codes: 0 clean (warnings allowed), 3 leakage between splits (or any finding with --strict),
     1 error. Unreadable images are reported and skipped.
     """
-    from cxrcae.cli.common import progress_bar
+    from cxrcae.cli.common import progress_bar, workers_or_default
     from cxrcae.data import load_records
     from cxrcae.data.audit import LEAKAGE_EXIT_CODE, audit_records, write_report
     from cxrcae.errors import DataError
+
+    checks = []
+    if model is not None:
+        from cxrcae.eval.shortcut import ShortcutCheck
+
+        checks.append(
+            ShortcutCheck(
+                model,
+                max_images=probe_images,
+                seed=seed,
+                num_workers=workers_or_default(None),
+                device=device,
+            )
+        )
 
     try:  # class folders and labelled CSVs keep their labels; anything else is audited unlabeled
         records = load_records(data, labeled=True)
@@ -70,6 +116,7 @@ def audit_command(
             dominance=dominance,
             workers=workers,
             progress=progress,
+            checks=checks,
         )
     if report is not None:
         write_report(result, report, title=f"Audit of {data}")
@@ -79,9 +126,11 @@ def audit_command(
     elif not quiet:
         _render(result, report)
 
-    findings = result.exact_groups or result.near_groups or result.dominant
+    findings = result.exact_groups or result.near_groups or result.dominant or result.section_warnings
     if result.leakage or (strict and findings):
-        reason = "leakage between splits" if result.leakage else "duplicates or source bias (--strict)"
+        reason = (
+            "leakage between splits" if result.leakage else "duplicates, source bias or shortcut (--strict)"
+        )
         err_console.print(f"[bold red]Audit failed:[/] {reason}", highlight=False)
         raise typer.Exit(LEAKAGE_EXIT_CODE)
 
@@ -125,6 +174,12 @@ def _render(result: Any, report: Path | None) -> None:
     for group in result.leaking_groups[:_SHOW]:
         paths = ", ".join(f"{group.records[i].path} ({group.records[i].split})" for i in group.members[:4])
         err_console.print(f"  {group.kind} duplicate across splits: {paths}", highlight=False, soft_wrap=True)
+    for section in result.sections:
+        console.print(make_table(section.title, *section.table()))
+        for extra in section.notes:
+            console.print(f"  {extra}", highlight=False, soft_wrap=True)
+        for warning in section.warnings:
+            err_console.print(f"[yellow]Warning:[/] {warning}", highlight=False, soft_wrap=True)
     if result.unreadable:
         err_console.print(
             f"[yellow]Warning:[/] {len(result.unreadable)} unreadable file(s):", highlight=False

@@ -1,4 +1,4 @@
-"""``cxrcae evaluate``: metrics with 95% CIs, calibration, per-source breakdown, figures and a report."""
+"""``cxrcae evaluate``: metrics with 95% CIs, calibration, subgroup breakdowns, figures and a report."""
 
 from __future__ import annotations
 
@@ -30,12 +30,23 @@ def evaluate_command(
     data: Annotated[
         Path,
         typer.Argument(
-            help="Splits CSV (its --split rows are used), or a class folder / manifest (all rows)."
+            help="Splits CSV (its --split rows are used), or a class folder / manifest without a split "
+            "column (all rows, evaluated as an external set)."
         ),
     ],
     split: Annotated[str, typer.Option("--split", help="Which rows of a splits CSV to evaluate.")] = "test",
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--by",
+            help="Metrics per subgroup of a manifest column (repeatable): source, view, age:10 (bands of "
+            "10), age:18,65 (cut points), source+view (crossed).",
+            show_default="source, when the data has sources",
+        ),
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder.", show_default="MODEL_DIR/eval-<split>")
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder.", show_default="MODEL_DIR/eval-<split or external>"),
     ] = None,
     calibrate: Annotated[
         bool,
@@ -62,8 +73,9 @@ def evaluate_command(
 ) -> None:
     """Evaluate a classifier: per-class and macro/weighted metrics with 95% bootstrap CIs.
 
-    Patients are resampled when the data has patient ids. Also ECE, a per-source breakdown, and
-    metrics.json, predictions.csv, PNG figures and report.html in the output folder.
+    Patients are resampled when the data has patient ids. Also ECE, per-subgroup metrics (--by; per
+    source by default) with small subgroups marked, and metrics.json, predictions.csv, PNG figures and
+    report.html in the output folder. Data without a split column is an external set.
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.eval.evaluation import evaluate
@@ -82,6 +94,7 @@ def evaluate_command(
             seed=seed,
             n_bins=bins,
             calibrate=calibrate,
+            by=by,
             html=html,
             progress=progress,
         )
@@ -96,20 +109,30 @@ def evaluate_command(
 
 
 def render(result) -> None:
+    from cxrcae.eval.evaluation import describe_set
     from cxrcae.eval.report import fmt_ci
+    from cxrcae.eval.subgroups import FEW_CLASS_N, SMALL_GROUP_N
 
     m = result.metrics
     ci = m.get("ci") or {}
-    where = f"split {m['split']!r}" if m["split"] else "all rows"
     columns, rows = result.table()
     console.print(
         make_table(
-            f"{Path(m['model']).name} on {Path(m['data']).name} ({where}, {m['n']} images)", columns, rows
+            f"{Path(m['model']).name} on {Path(m['data']).name} ({describe_set(m)}, {m['n']} images)",
+            columns,
+            rows,
         )
     )
-    sources = result.source_table()
-    if sources:
-        console.print(make_table("Per source (shortcut check)", *sources))
+    marked = False
+    for title, columns, rows in result.subgroup_tables():
+        console.print(make_table(title, columns, rows))
+        marked = marked or any(row[-1] for row in rows)
+    if marked:
+        console.print(
+            f"marked: fewer than {SMALL_GROUP_N} images, or a class with fewer than {FEW_CLASS_N}; "
+            "wide intervals, read as unknown",
+            highlight=False,
+        )
     cal = m["calibration"]
     lines = [
         f"accuracy {fmt_ci(m['accuracy'], ci.get('accuracy'))}",
