@@ -14,6 +14,7 @@ Contract::
         batch.indices  # list[int]: position in ``paths`` of each image row
         batch.paths    # list[str]: the matching paths
         batch.errors   # list[(index, path, reason)] for the files of this batch that failed
+        batch.facts    # with facts=True: cxrcae.io.facts.ImageFacts per image row (colour, DICOM header)
 
 Batches arrive in input order and every index in ``range(len(paths))`` appears exactly once, either in
 ``indices`` or in ``errors``. Within a batch, merging ``indices`` and ``errors`` by index restores order.
@@ -32,10 +33,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrcae.data.dataset import SafeDataset, collate_with_errors
+from cxrcae.data.dataset import SafeDataset, Unreadable, collate_with_errors
 from cxrcae.errors import CheckpointError, CxrcaeError
 from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.io import load_for_model
+from cxrcae.io.facts import ImageFacts, load_with_facts
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast
 
@@ -48,22 +50,27 @@ class Batch:
     indices: list[int]
     paths: list[str]
     errors: list[tuple[int, str, str]] = field(default_factory=list)
+    facts: list[ImageFacts] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.indices) + len(self.errors)
 
 
 class PathDataset(Dataset):
-    """Items ``{"image": (3,S,S) float32, "path": str}`` for the files of ``paths``, in order.
+    """Items ``{"image": (3,S,S) float32, "path": str}`` for the files of ``paths``, in order; with
+    ``facts``, also ``"facts"``: what the out-of-distribution screen needs, from the same single decode.
 
     Decoding errors are not caught here: ``iter_batches`` wraps it in ``SafeDataset`` (the wrapper training
     uses too), which turns them into error rows in the worker.
     """
 
-    def __init__(self, paths: Sequence[str | Path], image_size: int, resize_mode: str = "stretch"):
+    def __init__(
+        self, paths: Sequence[str | Path], image_size: int, resize_mode: str = "stretch", facts: bool = False
+    ):
         self.paths = [str(p) for p in paths]
         self.image_size = int(image_size)
         self.resize_mode = resize_mode
+        self.facts = facts
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,6 +81,9 @@ class PathDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
+        if self.facts:
+            image, facts = load_with_facts(path, self.image_size, self.resize_mode)
+            return {"image": torch.from_numpy(image), "path": path, "facts": facts}
         return {
             "image": torch.from_numpy(load_for_model(path, self.image_size, mode=self.resize_mode)),
             "path": path,
@@ -87,13 +97,14 @@ def iter_batches(
     batch_size: int = 32,
     num_workers: int = 0,
     pin_memory: bool = False,
+    facts: bool = False,
 ) -> Iterator[Batch]:
     """Yield ``Batch`` objects over ``paths`` in order (see the module docstring for the contract)."""
     if batch_size < 1:
         raise CxrcaeError(f"batch size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise CxrcaeError(f"number of workers must be >= 0, got {num_workers}")
-    dataset = PathDataset(paths, image_size, resize_mode)
+    dataset = PathDataset(paths, image_size, resize_mode, facts)
     if len(dataset) == 0:
         return
     loader = DataLoader(
@@ -101,11 +112,18 @@ def iter_batches(
         batch_size=batch_size,
         shuffle=False,
         num_workers=min(num_workers, max(1, -(-len(dataset) // batch_size))) if num_workers else 0,
-        collate_fn=partial(collate_with_errors, image_size=int(image_size)),
+        collate_fn=partial(_collate, image_size=int(image_size)),
         pin_memory=pin_memory,
     )
     for batch in loader:
-        yield Batch(batch["image"], batch["index"], batch["path"], batch["errors"])
+        yield Batch(batch["image"], batch["index"], batch["path"], batch["errors"], batch["facts"])
+
+
+def _collate(items: list[dict[str, Any] | Unreadable], image_size: int) -> dict:
+    """``collate_with_errors`` plus the ``facts`` of the readable items (empty when not asked for)."""
+    batch = collate_with_errors(items, image_size)
+    batch["facts"] = [it["facts"] for it in items if not isinstance(it, Unreadable) and "facts" in it]
+    return batch
 
 
 def load_for_inference(model: Any, device: torch.device, kind: str = "classifier") -> tuple[Any, dict]:

@@ -62,14 +62,20 @@ def load_xray(
     ``DICM`` magic, not its name). Colour becomes BT.601 luminance; integer images are divided by their
     full scale (255 or 65535) so relative brightness is kept; DICOM follows its LUTs
     (see ``cxrcae.io.dicom``).
-    ``target_size`` lets large JPEGs decode at reduced resolution (short side still >= target_size).
+    ``target_size`` lets large images decode at reduced resolution: JPEGs by DCT scaling (short side still
+    >= 2 x target_size), other 8-bit gray or RGB images by box averaging (>= 3 x); see
+    ``cxrcae.io.raster.DRAFT_MARGIN`` and ``REDUCE_MARGIN``.
     ``max_pixels`` (default 100 MP, or $CXRCAE_MAX_PIXELS; None = no limit) guards against decompression
     bombs.
     Raises ImageLoadError with a one-line reason for anything that is not a complete, supported image.
     """
-    native, dicom = decode_native(path, max_pixels=max_pixels, target_size=target_size)
+    return unit_pixels(*decode_native(path, max_pixels=max_pixels, target_size=target_size))
+
+
+def unit_pixels(native: NativeImage | None, dicom: object) -> np.ndarray:
+    """The pixel contract applied to what ``decode_native`` returned (shared by ``load_xray`` and the
+    out-of-distribution facts, ``cxrcae.io.facts``, so both see the same pixels)."""
     if native is not None:
         return native.to_unit()
-
     ds, raw = dicom
     return dicom_to_unit(ds, raw)

@@ -13,6 +13,10 @@ Run folder (OUT):
   history.csv     one row per epoch: stage, losses, validation accuracy / balanced accuracy / macro F1
   loss_curve.png  losses and validation accuracy per epoch, stage boundaries marked
   splits.csv      the train/val/test split, when DATA was split on the fly
+
+When the encoder came from a CAE pretraining folder, ``best/`` also gets the out-of-distribution guard
+(``ood.safetensors`` + the ``ood`` block of config.json; ``cxrcae.train.guard``): that autoencoder, with a
+threshold from the training images' reconstruction errors. Otherwise a note says how to fit one.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from cxrcae.train.data import (
     source_balanced_weights,
 )
 from cxrcae.train.engine import (
+    BEST,
     Classification,
     Resume,
     Run,
@@ -57,8 +62,10 @@ from cxrcae.train.engine import (
     TrainResult,
     check_out_dir,
     fit,
+    run_lock,
     train_result,
 )
+from cxrcae.train.guard import guard_after_finetune
 from cxrcae.train.plots import loss_curves
 
 KIND = "finetune"
@@ -74,7 +81,7 @@ def finetune(
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     out = check_out_dir(out_dir)
-    with reproducible(cfg.seed):
+    with run_lock(out), reproducible(cfg.seed):  # one writer per run folder (cxrcae.locking)
         tdata = finetune_data(data, out, cfg.seed, progress)
         return run_finetune(tdata, out, cfg, progress)
 
@@ -211,6 +218,19 @@ def run_finetune(
         cache_features=cache_features,
     )
     outcome = fit(run, resume)
+    if distributed.current().main:  # the guard's threshold from the training images, beside best/
+        guard_note = guard_after_finetune(
+            out / BEST,
+            encoder_provenance,
+            tdata.train,
+            cfg.image_size,
+            cfg.resize_mode,
+            device=device,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        notes.append(guard_note)
 
     curve = out / "loss_curve.png"
     if distributed.current().main:  # under torchrun the other processes write nothing
