@@ -12,6 +12,7 @@ import cxrcae.bench
 import cxrcae.io.decoded
 from cxrcae.bench import (
     bench_pipeline,
+    bench_predict,
     bench_train_step,
     count_flops,
     keras_reference,
@@ -19,7 +20,8 @@ from cxrcae.bench import (
     train_flops,
 )
 from cxrcae.errors import CxrcaeError
-from cxrcae.models import CAEEncoder, CXRClassifier, build_head
+from cxrcae.models import CAEEncoder, CXRClassifier, build_head, build_model
+from cxrcae.models.checkpoint import save_checkpoint
 from cxrcae.train.finetuning import apply_stage
 
 # The paper's CAE at 224 px, from its layer shapes (models/cae.py), in multiply-adds (MACs) per image.
@@ -211,7 +213,14 @@ def test_cli_compares_with_a_keras_peer(cli, tmp_path, shared_data):
     assert by[("pretrain", "keras")]["images_per_s"] == 2.0
     assert ours["vs_keras"] == pytest.approx(ours["images_per_s"] / 2.0)
     n_images = sum(1 for p in images.iterdir() if p.is_file())
-    assert by[("predict", "cxrcae")]["ok"] == by[("predict", "cxrcae")]["images"] == n_images
+    predicted = [r for r in rows if r["task"] == "predict" and r["impl"] == "cxrcae"]
+    assert [r["backend"] for r in predicted] == ["torch", "onnxruntime", "onnxruntime-int8"]
+    assert all(r["ok"] == r["images"] == n_images and r["vs_keras"] > 0 for r in predicted)
+    assert [r["precision"] for r in predicted] == ["fp32", "fp32", "int8"]
+    for r in predicted[1:]:  # each fast path against torch fp32 on the same files; 40 files are too few
+        assert r["agreement_images"] == n_images and r["meets_bar"] is False
+        assert r["top1_agreement"] <= 1.0 and r["max_prob_diff"] >= 0.0
+    assert predicted[1]["max_prob_diff"] < 1e-4  # onnxruntime fp32 is the same function
     assert by[("decode only", "cxrcae")]["images_per_s"] > 0
 
 
@@ -226,6 +235,27 @@ def test_bad_options_are_usage_errors(cli):
     assert cli("bench", "--tasks", "resnet").exit_code == 2
     assert cli("bench", "--settings", "fp8:nhwc").exit_code == 2
     assert cli("bench", "--keras-python", sys.executable).exit_code == 2
+    assert cli("bench", "--predict-backends", "tensorrt").exit_code == 2
+
+
+def test_bench_predict_leaves_a_given_model_untouched(tmp_path, mini_folder):
+    """The ONNX files a run exports go into a temporary copy, and the torch row is the reference."""
+    pytest.importorskip("onnxruntime")
+    config = {"kind": "classifier", "head": "lstm", "image_size": 32, "class_names": ["A", "B", "C"]}
+    torch.manual_seed(0)
+    folder = save_checkpoint(build_model(config), tmp_path / "clf", dict(config))
+    before = sorted(p.name for p in folder.iterdir())
+    rows = bench_predict([mini_folder], folder, batch_size=4, backends=("torch", "onnxruntime"))
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert [(r["task"], r.get("backend")) for r in rows] == [
+        ("decode only", None),
+        ("predict", "torch"),
+        ("predict", "onnxruntime"),
+    ]
+    assert all(r["image_size"] == 32 and r["ok" if r["task"] == "predict" else "images"] == 12 for r in rows)
+    assert rows[2]["top1_agreement"] == 1.0 and rows[2]["max_prob_diff"] < 1e-4
+    with pytest.raises(CxrcaeError, match="unknown backend"):
+        bench_predict([mini_folder], folder, backends=("tensorrt",))
 
 
 def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
@@ -249,7 +279,8 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
     def fake_predict(inputs, *args, **kwargs):
         return [
             {"task": "decode only", "images": 9, "images_per_s": 300.0},
-            {"task": "predict", "images": 9, "images_per_s": 90.0, "ok": 9},
+            {"task": "predict", "backend": "torch", "images": 9, "images_per_s": 90.0, "ok": 9},
+            {"task": "predict", "backend": "onnxruntime-int8", "images": 9, "images_per_s": 150.0, "ok": 9},
         ]
 
     def fake_keras(python, script, task, *args):
@@ -285,7 +316,8 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
             "--frozen",
         ),
         ("tfpython", "keras_reference.py", "predict", str(tmp_path), "--size", "64", "--batch", "8"),
-    ]
+        ("tfpython", "keras_reference.py", "predict", str(tmp_path), "--size", "64", "--batch", "8"),
+    ]  # the predict peer runs before and after ours
     assert [(r["task"], r["impl"], r.get("vs_keras")) for r in report.rows] == [
         ("pretrain", "cxrcae", 2.5),  # 30 / 12
         ("pretrain", "cxrcae", None),  # no figure, no ratio
@@ -295,6 +327,7 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
         ("finetune-frozen", "keras", None),
         ("decode only", "cxrcae", None),  # the peer has no decode-only figure
         ("predict", "cxrcae", 1.5),  # 90 / 60
+        ("predict", "cxrcae", 2.5),  # 150 / 60: each backend against the same peer
         ("predict", "keras", None),
     ]
     assert report.keras_figures == {"pretrain": 12.0, "finetune-frozen": 16.0, "predict": 60.0}
@@ -306,6 +339,11 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
         ("pretrain", "bf16", 45.0, 12.0, 3.75),
         ("finetune-frozen", "fp32", 8.0, 16.0, 0.5),
         ("predict", None, 90.0, 60.0, 1.5),
+        ("predict", None, 150.0, 60.0, 2.5),
+    ]
+    assert [c["backend"] for c in report.comparisons if c["task"] == "predict"] == [
+        "torch",
+        "onnxruntime-int8",
     ]
     keras_rows = [r for r in report.rows if r["impl"] == "keras"]
     assert keras_rows[0] == {
@@ -321,6 +359,7 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
         "impl": "keras",
         "task": "predict",
         "images_per_s": 60.0,
+        "runs_images_per_s": [60.0, 60.0],
         "images": 9,
         "image_size": 64,
     }

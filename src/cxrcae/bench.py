@@ -14,6 +14,10 @@ Two more yardsticks come from the same run:
 * input pipeline: with real files (``data``), ``bench_pipeline`` trains the CAE through the real loader
   (``XrayDataset`` + ``make_loader`` + ``train_one_epoch``, decoded cache in a temporary folder) and gives
   each pass's images/s as a fraction of the in-memory step rate of the same setting (``pipeline_fraction``).
+
+Memory: ``bench_predict_memory`` runs ``cxrcae predict --output`` in a fresh process on the first 100 and
+the first 2,000 of the given files and reports each run's peak resident memory (the kernel's ``ru_maxrss``
+of that process and the workers it waited for): streaming keeps it flat, whatever the number of files.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,13 +45,15 @@ from torch import nn
 from cxrcae.data import XrayDataset
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import resolve_checkpoint
+from cxrcae.infer.onnx import export_onnx
 from cxrcae.infer.prediction import iter_predictions
+from cxrcae.infer.quantize import agreement, quantize_onnx
 from cxrcae.io import find_images, load_for_model
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head, build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import autocast, resolve_device, resolve_precision
+from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import epoch_seed, make_loader, pretrain_data
 from cxrcae.train.engine import Runtime, train_one_epoch
@@ -459,6 +470,9 @@ def _reconstruction(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return F.mse_loss(out.float(), images.float()), out
 
 
+PREDICT_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "onnxruntime-int8")
+
+
 def bench_predict(
     inputs: Sequence[str | Path],
     model: str | Path | None = None,
@@ -468,46 +482,171 @@ def bench_predict(
     device: str = "auto",
     precision: str = "auto",
     progress: ProgressFn = no_progress,
+    backends: Sequence[str] = PREDICT_BACKENDS,
+    calibrate: Any = None,
+    ood: bool = True,
 ) -> list[dict[str, Any]]:
-    """End-to-end ``predict`` (decode, resize, forward) beside decoding alone, on the same files.
+    """End-to-end ``predict`` (decode, resize, forward) per backend beside decoding alone, on the same files.
 
-    Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used: throughput does not
-    depend on the weights.
+    Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used (throughput does not
+    depend on the weights); a given model is copied into a temporary folder first, so the ONNX files the
+    run exports never touch it. Each backend is timed through ``iter_predictions`` as ``cxrcae predict``
+    runs it (model loading included, ``num_workers`` decoding workers); ``torch`` is PyTorch in fp32 unless
+    ``precision`` says otherwise. ``onnxruntime-int8`` is built first with ``quantize_onnx``, calibrated
+    on ``calibrate`` (default: the benchmarked files themselves) and run even when it misses the agreement
+    bar, since this measures it. Each non-torch row carries its agreement with the torch row on the same
+    files (``top1_agreement``, ``max_prob_diff``, ``meets_bar`` with at least 200 files). ``ood``: the
+    out-of-distribution screen predict runs by default (a model with a guard autoencoder runs it on every
+    image, in torch, whatever the backend; the Keras peer has no such screen).
     """
-
     files, _ = find_images(inputs)
     if not files:
         raise CxrcaeError(f"no images found in {', '.join(map(str, inputs))}")
+    unknown = [b for b in backends if b not in PREDICT_BACKENDS]
+    if unknown:
+        raise CxrcaeError(f"unknown backend(s) {', '.join(unknown)}; use {', '.join(PREDICT_BACKENDS)}")
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
-        ref = model if model is not None else _untrained_classifier(Path(tmp) / "model", image_size)
-
-        config = read_config(resolve_checkpoint(ref))
+        folder = Path(tmp) / "model"
+        if model is None:
+            _untrained_classifier(folder, image_size)
+        else:
+            shutil.copytree(resolve_checkpoint(model), folder, ignore=shutil.ignore_patterns("*.onnx"))
+        config = read_config(folder)
         size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
+        common = {
+            "images": len(files),
+            "image_size": size,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+        }
 
         start = time.perf_counter()
         for i, path in enumerate(files):
             load_for_model(path, size, mode)
             progress("decode only", i + 1, len(files))
         decode_s = time.perf_counter() - start
+        rows.append(
+            {"task": "decode only", **common, "seconds": decode_s, "images_per_s": len(files) / decode_s}
+        )
 
-        # one untimed batch so model loading and kernel selection are not counted
-        for _ in iter_predictions(files[:1], ref, batch_size=1, device=device, precision=precision):
-            pass
-        start = time.perf_counter()
-        ok = 0
-        for i, pred in enumerate(
-            iter_predictions(
-                files, ref, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision
+        extra: dict[str, dict[str, Any]] = {}
+        if "onnxruntime" in backends:
+            export_onnx(folder, progress=progress)
+        if "onnxruntime-int8" in backends:
+            built = quantize_onnx(folder, calibrate=calibrate or files, progress=progress)
+            extra["onnxruntime-int8"] = {
+                "fp32_layers": built.fp32_layers,
+                "calibration": "the benchmarked files" if calibrate is None else str(calibrate),
+            }
+        reference = None
+        for backend in backends:
+            options = {"device": device, "precision": precision} if backend == "torch" else {}
+            run = partial(
+                iter_predictions, model=folder, backend=backend, force_int8=True, ood=ood, **options
             )
-        ):
-            ok += pred.ok
-            progress("predict", i + 1, len(files))
-        predict_s = time.perf_counter() - start
-    common = {"images": len(files), "image_size": size, "batch_size": batch_size, "num_workers": num_workers}
-    return [
-        {"task": "decode only", **common, "seconds": decode_s, "images_per_s": len(files) / decode_s},
-        {"task": "predict", **common, "seconds": predict_s, "images_per_s": len(files) / predict_s, "ok": ok},
-    ]
+            for _ in run(files[:1], batch_size=1):  # the OS file cache and oneDNN's kernels, untimed
+                pass
+            start = time.perf_counter()
+            preds = []
+            for i, pred in enumerate(run(files, batch_size=batch_size, num_workers=num_workers)):
+                preds.append(pred)
+                progress(f"predict {backend}", i + 1, len(files))
+            seconds = time.perf_counter() - start
+            row = {
+                "task": "predict",
+                "backend": backend,
+                "precision": _predict_precision(backend, precision, device),
+                "ood": ood,
+                **common,
+                "seconds": seconds,
+                "images_per_s": len(files) / seconds,
+                "ok": sum(p.ok for p in preds),
+                **extra.get(backend, {}),
+            }
+            probs = _probabilities(preds, config["class_names"])
+            if backend == "torch":
+                reference = probs
+            elif reference is not None:
+                found = agreement(*_common_rows(reference, probs))
+                row |= {
+                    "top1_agreement": found.top1,
+                    "max_prob_diff": found.max_prob_diff,
+                    "agreement_images": found.images,
+                    "meets_bar": found.meets_bar,
+                }
+            rows.append(row)
+    return rows
+
+
+def _predict_precision(backend: str, precision: str, device: str) -> str:
+    if backend == "onnxruntime-int8":
+        return "int8"
+    if backend == "onnxruntime":
+        return "fp32"
+    return precision_name(resolve_precision(precision, resolve_device(device)))
+
+
+def _probabilities(preds, names: Sequence[str]) -> dict[str, list[float]]:
+    """Path -> class probabilities of the classified rows."""
+    return {p.path: [p.probabilities[n] for n in names] for p in preds if p.ok}
+
+
+def _common_rows(reference: dict[str, list[float]], probs: dict[str, list[float]]):
+    """Two (n, classes) arrays over the paths both runs classified, in one order, and those paths."""
+    paths = [p for p in reference if p in probs]
+
+    def as_array(by_path: dict[str, list[float]]) -> np.ndarray:
+        return np.array([by_path[p] for p in paths], dtype=np.float64).reshape(len(paths), -1)
+
+    return as_array(reference), as_array(probs), paths
+
+
+def bench_predict_memory(
+    inputs: Sequence[str | Path],
+    counts: Sequence[int] = (100, 2000),
+    model: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: ProgressFn = no_progress,
+) -> list[dict[str, Any]]:
+    """Peak RSS of ``cxrcae predict FILES --output preds.csv`` on the first ``n`` files, for each ``n`` in
+    ``counts``, each in a fresh process (the bundled model unless ``model``); the last row gives each peak
+    as a ratio of the first (flat memory: close to 1)."""
+    files, _ = find_images(inputs)
+    if len(files) < max(counts):
+        raise CxrcaeError(f"need {max(counts)} images for the memory benchmark, found {len(files)}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
+        for i, n in enumerate(counts):
+            folder = Path(tmp) / f"inputs{n}"
+            folder.mkdir()
+            for k, path in enumerate(files[:n]):  # one folder argument, whatever n is
+                os.symlink(Path(path).resolve(), folder / f"{k:06d}{Path(path).suffix}")
+            cmd = [sys.executable, "-m", "cxrcae", "predict", str(folder), "--output", f"{tmp}/p{n}.csv"]
+            cmd += ["--batch-size", str(batch_size), "--num-workers", str(num_workers), "--quiet"]
+            cmd += ["--model", str(model)] if model is not None else []
+            progress("predict memory", i, len(counts), f"{n} images")
+            start = time.perf_counter()
+            with open(Path(tmp) / "stderr.txt", "w+b") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+                _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak, not the benchmark's
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                seconds = time.perf_counter() - start
+                err.seek(0)
+                error = err.read().decode(errors="replace").strip()
+            if proc.returncode not in (0, 3):
+                raise CxrcaeError(f"predict failed in the memory benchmark: {error or proc.returncode}")
+            peak_mb = usage.ru_maxrss / 1024  # kB on Linux
+            row = {"task": "predict-memory", "images": n, "peak_rss_mb": round(peak_mb, 1)}
+            rows.append(
+                {**row, "seconds": round(seconds, 2), "batch_size": batch_size, "workers": num_workers}
+            )
+    progress("predict memory", len(counts), len(counts), "")
+    base = rows[0]["peak_rss_mb"]
+    for row in rows:
+        row["vs_first"] = round(row["peak_rss_mb"] / base, 4)
+    return rows
 
 
 def _untrained_classifier(folder: Path, image_size: int) -> Path:
@@ -564,6 +703,7 @@ class BenchReport:
                 "task": r["task"],
                 "precision": r.get("precision"),
                 "channels_last": r.get("channels_last"),
+                "backend": r.get("backend"),
                 "images_per_s": r["images_per_s"],
                 "keras_images_per_s": peers[r["task"]],
                 "vs_keras": r["vs_keras"],
@@ -589,12 +729,22 @@ def run_bench(
     data: str | Path | None = None,
     data_steps: int | None = None,
     num_workers: int = 0,
+    predict_model: str | Path | None = None,
+    predict_backends: Sequence[str] = PREDICT_BACKENDS,
+    calibrate: Any = None,
+    predict_ood: bool = True,
 ) -> BenchReport:
     """Time each training ``task`` in each setting and, with ``predict`` files, prediction; each beside the
     Keras peer when ``keras_python`` and ``keras_script`` are given, so the ratios come from one run.
 
     The peer trains in fp32 with the same image size, batch size and step count (``finetune-frozen`` is its
-    ``finetune --frozen``) and predicts each ``predict`` folder with ``predict_batch_size``.
+    ``finetune --frozen``) and predicts each ``predict`` folder with ``predict_batch_size``, once before and
+    once after ours, keeping its better figure (``runs_images_per_s`` has both).
+
+    Prediction (``bench_predict``) runs each of ``predict_backends`` on ``predict_model`` (an untrained
+    classifier of ``image_size`` when None; the peer then predicts at that model's size) with
+    ``num_workers`` decoding workers; the int8 graph is calibrated on ``calibrate`` (default: the
+    benchmarked files). Each predict row gets its ``vs_keras``; the non-torch rows their agreement with torch.
 
     With ``data`` (a folder or manifest of real images), ``bench_pipeline`` adds ``pretrain-epoch`` rows
     (cold and warm decoded cache, ``data_steps`` batches per pass or a full epoch, ``num_workers`` loader
@@ -657,28 +807,44 @@ def run_bench(
         )
         rows += [{"impl": "cxrcae", **r} for r in ours]
     if predict:
-        ours = bench_predict(predict, None, image_size, predict_batch_size, device=device, progress=progress)
+        size = (
+            image_size
+            if predict_model is None
+            else read_config(resolve_checkpoint(predict_model))["image_size"]
+        )
+
+        def peer_predict() -> list[dict[str, Any]]:
+            args = ("--size", str(size), "--batch", str(predict_batch_size))
+            return [keras_reference(*peer_cmd, "predict", str(f), *args) for f in predict]
+
+        # the peer runs before and after ours and keeps its better figure: a shared machine's load moves
+        # within a minute, and this way a quiet spell can only favour the peer
+        before = peer_predict() if peer_cmd is not None else []
+        ours = bench_predict(
+            predict,
+            predict_model,
+            image_size,
+            predict_batch_size,
+            num_workers,
+            device=device,
+            progress=progress,
+            backends=predict_backends,
+            calibrate=calibrate,
+            ood=predict_ood,
+        )
         rows += [{"impl": "cxrcae", **r} for r in ours]
-        if peer_cmd is not None:
-            for folder in predict:
-                peer = keras_reference(
-                    *peer_cmd,
-                    "predict",
-                    str(folder),
-                    "--size",
-                    str(image_size),
-                    "--batch",
-                    str(predict_batch_size),
-                )
-                rows.append(
-                    {
-                        "impl": "keras",
-                        "task": "predict",
-                        "images_per_s": peer["images_per_s"],
-                        "images": peer.get("images"),
-                        "image_size": image_size,
-                    }
-                )
+        after = peer_predict() if peer_cmd is not None else []
+        for first, second in zip(before, after):
+            rows.append(
+                {
+                    "impl": "keras",
+                    "task": "predict",
+                    "images_per_s": max(first["images_per_s"], second["images_per_s"]),
+                    "runs_images_per_s": [first["images_per_s"], second["images_per_s"]],
+                    "images": first.get("images"),
+                    "image_size": size,
+                }
+            )
     _add_ratios(rows)
     return BenchReport(rows)
 

@@ -135,10 +135,10 @@ class OnnxClassifier:
         batch = np.ascontiguousarray(images, dtype=np.float32)
         return self.session.run(None, {self.input_name: batch})[0]
 
-    def check_matches(self, config: dict[str, Any], folder: Path) -> None:
+    def check_matches(self, config: dict[str, Any], folder: Path, redo: str = "") -> None:
         """Refuse a file exported from another checkpoint than ``folder`` (weights, classes or size)."""
         meta = self.metadata
-        redo = f"re-export it: cxrcae export {folder} --onnx"
+        redo = redo or f"re-export it: cxrcae export {folder} --onnx"
         if f"{META}weights_sha256" not in meta:
             raise CheckpointError(f"{self.path}: no cxrcae metadata (not written by cxrcae export); {redo}")
         expected = weights_sha256(folder, config)
@@ -175,19 +175,39 @@ def _model_ref(model: Any) -> Any:
     )
 
 
+def resolve_classifier(model: Any) -> tuple[Any, Path | None]:
+    """(reference, checkpoint folder or None for an in-memory model); None means the bundled classifier."""
+    ref = _model_ref(model)
+    return ref, (None if isinstance(ref, nn.Module) else resolve_checkpoint(ref))
+
+
+def fp32_classifier(ref: Any, folder: Path | None) -> tuple[nn.Module, dict[str, Any], str]:
+    """(fp32 model on the CPU in eval mode, config, weights sha256) of what ``resolve_classifier`` gave."""
+    # an in-memory model is copied: exporting must not move it to the CPU or change its dtype or mode
+    source = copy.deepcopy(ref) if folder is None else folder
+    net, config = load_for_inference(source, torch.device("cpu"), kind="classifier")
+    return net.float().eval(), config, weights_sha256(folder, config)
+
+
 def _default_output(folder: Path | None, ref: Any) -> Path:
     """``<folder>/model.onnx`` for a local folder cxrcae may write into; otherwise ask for --output."""
     if folder is None:
         raise CxrcaeError("an in-memory model has no folder to export into; give an output path")
-    if in_hub_cache(folder):
-        why = "a Hub download (a read-only cache snapshot)"
-    elif folder.resolve().is_relative_to(bundled.PACKAGE_DIR):
-        why = "the bundled model inside the installed package"
-    elif not os.access(folder, os.W_OK):
-        why = "a folder you cannot write to"
-    else:
+    why = read_only_reason(folder)
+    if why is None:
         return folder / ONNX_NAME
     raise CxrcaeError(f"{ref} is {why}; pass --output PATH.onnx")
+
+
+def read_only_reason(folder: Path) -> str | None:
+    """Why cxrcae must not write into checkpoint ``folder`` (Hub cache, installed package, no permission)."""
+    if in_hub_cache(folder):
+        return "a Hub download (a read-only cache snapshot)"
+    if folder.resolve().is_relative_to(bundled.PACKAGE_DIR):
+        return "the bundled model inside the installed package"
+    if not os.access(folder, os.W_OK):
+        return "a folder you cannot write to"
+    return None
 
 
 def _metadata(config: dict[str, Any], sha: str) -> dict[str, str]:
@@ -205,6 +225,25 @@ def _metadata(config: dict[str, Any], sha: str) -> dict[str, str]:
         "input": f"{INPUT_NAME}: float32 (batch, 3, {size}, {size}) in [0, 1], decoded as predict does",
         "output": f"{OUTPUT_NAME}: probabilities are softmax(logits / temperature)",
     }
+
+
+def classifier_proto(net: nn.Module, config: dict[str, Any], sha: str, opset: int = DEFAULT_OPSET):
+    """The classifier's logits graph as a checked ``onnx.ModelProto`` carrying the ``cxrcae.*`` metadata."""
+    _require_export()
+    proto = onnx.load_from_string(_export_bytes(net, int(config["image_size"]), int(opset)))
+    set_metadata(proto, _metadata(config, sha))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def set_metadata(proto, values: dict[str, str]) -> None:
+    """Set ``cxrcae.<key>`` metadata properties of ``proto`` (replacing any of the same key)."""
+    keys = {f"{META}{key}" for key in values}
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in keys]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *((f"{META}{k}", v) for k, v in values.items())]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _export_bytes(net: nn.Module, image_size: int, opset: int) -> bytes:
@@ -276,28 +315,18 @@ def export_onnx(
     if int(opset) not in OPSETS:
         raise CxrcaeError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
     start = time.perf_counter()
-    ref = _model_ref(model_ref)
-    folder = None if isinstance(ref, nn.Module) else resolve_checkpoint(ref)
+    ref, folder = resolve_classifier(model_ref)
     if out_path is None:
         target = _default_output(folder, ref)
     else:
         target = Path(out_path).expanduser()
         if target.is_dir():
             target = target / ONNX_NAME
-    # an in-memory model is copied: exporting must not move it to the CPU or change its dtype or mode
-    source = copy.deepcopy(ref) if folder is None else folder
-    net, config = load_for_inference(source, torch.device("cpu"), kind="classifier")
-    net = net.float().eval()
+    net, config, sha = fp32_classifier(ref, folder)
     size = int(config["image_size"])
-    sha = weights_sha256(folder, config)
 
     progress("onnx export", 0, 1)
-    proto = onnx.load_from_string(_export_bytes(net, size, int(opset)))
-    for key, value in _metadata(config, sha).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = f"{META}{key}", value
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    data = classifier_proto(net, config, sha, int(opset)).SerializeToString()
     progress("onnx export", 1, 1)
 
     runner = OnnxClassifier(data)
@@ -341,8 +370,11 @@ def export_onnx(
     )
 
 
-def onnx_classifier(model: Any, progress: ProgressFn = no_progress) -> tuple[OnnxClassifier, dict[str, Any]]:
-    """An onnxruntime runner for a classifier and its config, for ``predict --backend onnxruntime``.
+def onnx_classifier(
+    model: Any, progress: ProgressFn = no_progress, threads: int | None = None
+) -> tuple[OnnxClassifier, dict[str, Any]]:
+    """An onnxruntime runner for a classifier and its config, for ``predict --backend onnxruntime``
+    (``threads``: onnxruntime's intra-op threads; None: its default, one per core).
 
     A checkpoint folder's ``model.onnx`` is used when present (refused when it belongs to another
     checkpoint); otherwise, and for in-memory models, the model is exported (and checked) into a temporary
@@ -352,20 +384,26 @@ def onnx_classifier(model: Any, progress: ProgressFn = no_progress) -> tuple[Onn
     ref = _model_ref(model)
     if not isinstance(ref, nn.Module):
         folder = resolve_checkpoint(ref)
-        config = read_config(folder)
-        if config.get("kind") != "classifier":
-            raise CheckpointError(
-                f"{ref} is a checkpoint of kind {config.get('kind')!r}; this needs a fine-tuned classifier "
-                "(cxrcae finetune); for an autoencoder use `cxrcae reconstruct`"
-            )
+        config = classifier_config(folder, ref)
         existing = folder / ONNX_NAME
         if existing.is_file():
-            runner = OnnxClassifier(existing)
+            runner = OnnxClassifier(existing, threads)
             runner.check_matches(config, folder)
             return runner, config
         ref = folder
     with tempfile.TemporaryDirectory(prefix="cxrcae-onnx-") as tmp:
         result = export_onnx(ref, Path(tmp) / ONNX_NAME, progress=progress)
-        runner = OnnxClassifier(result.path)
+        runner = OnnxClassifier(result.path, threads)
     config = ref.cxrcae_config if isinstance(ref, nn.Module) else read_config(ref)
     return runner, config
+
+
+def classifier_config(folder: Path, ref: Any) -> dict[str, Any]:
+    """The config.json of ``folder``, refused unless it is a classifier's (before any runtime is loaded)."""
+    config = read_config(folder)
+    if config.get("kind") != "classifier":
+        raise CheckpointError(
+            f"{ref} is a checkpoint of kind {config.get('kind')!r}; this needs a fine-tuned classifier "
+            "(cxrcae finetune); for an autoencoder use `cxrcae reconstruct`"
+        )
+    return config

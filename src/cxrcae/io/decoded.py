@@ -19,7 +19,7 @@ import numpy as np
 from cxrcae._atomic import atomic_write_bytes
 from cxrcae.io.resize import load_for_model
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: large JPEGs drafted to >= 2x the size (not 1x), other large images box-reduced to 3x
 SCALE = 65535.0
 
 

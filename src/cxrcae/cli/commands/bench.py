@@ -33,6 +33,33 @@ def bench_command(
     ] = 224,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training batch size.")] = 16,
     predict_batch_size: Annotated[int, typer.Option("--predict-batch-size", min=1)] = 32,
+    predict_model: Annotated[
+        str | None,
+        typer.Option(
+            "--predict-model",
+            help="Classifier to time --predict with (folder or Hub id); Keras then predicts at its size.",
+            show_default="an untrained classifier of --image-size",
+        ),
+    ] = None,
+    predict_backends: Annotated[
+        str,
+        typer.Option("--predict-backends", help="Comma-separated predict backends to time side by side."),
+    ] = "torch,onnxruntime,onnxruntime-int8",
+    predict_ood: Annotated[
+        bool,
+        typer.Option(
+            "--predict-ood/--predict-no-ood",
+            help="Time predict with its out-of-distribution screen (its default) or without (as Keras).",
+        ),
+    ] = True,
+    calibrate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--calibrate",
+            help="Images to calibrate the onnxruntime-int8 graph on (folder, manifest CSV, globs).",
+            show_default="the --predict files",
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per setting (median).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
     settings: Annotated[
@@ -61,7 +88,7 @@ def bench_command(
         typer.Option(
             "--num-workers",
             min=0,
-            help="DataLoader workers of the --data passes.",
+            help="DataLoader workers of the --data passes and of --predict (decoding).",
             show_default="CPUs-1, max 4",
         ),
     ] = None,
@@ -73,9 +100,12 @@ def bench_command(
 
     Each training row also gives its GFLOP/s beside the GFLOP/s of the same model's forward pass alone in
     the same setting (% of fwd); with --data, the pretrain-epoch rows give the pipeline's images/s as a
-    fraction of the in-memory pretrain rate of the same setting.
+    fraction of the in-memory pretrain rate of the same setting. --predict times each --predict-backends
+    entry through `predict` (decoding workers: --num-workers) and gives each fast path's agreement with
+    the torch row on the same files (top-1 agreement, largest probability difference; * = short of the
+    bar: >= 99.5% on >= 200 files, <= 0.02).
     """
-    from cxrcae.bench import TRAIN_TASKS, run_bench
+    from cxrcae.bench import PREDICT_BACKENDS, TRAIN_TASKS, run_bench
     from cxrcae.cli.common import path_arg, progress_bar, workers_or_default
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -88,6 +118,12 @@ def bench_command(
         raise typer.BadParameter(f"unknown setting {exc.args[0]}", param_hint="--settings") from None
     if (keras_python is None) != (keras_script is None):
         raise typer.BadParameter("give both --keras-python and --keras-script", param_hint="--keras-python")
+    backend_list = [b.strip() for b in predict_backends.split(",") if b.strip()]
+    unknown = [b for b in backend_list if b not in PREDICT_BACKENDS]
+    if unknown or not backend_list:
+        raise typer.BadParameter(
+            f"use some of {', '.join(PREDICT_BACKENDS)}", param_hint="--predict-backends"
+        )
 
     with progress_bar(quiet or json_out) as progress:
         report = run_bench(
@@ -106,6 +142,10 @@ def bench_command(
             data=path_arg(data) if data is not None else None,
             data_steps=data_steps,
             num_workers=workers_or_default(num_workers),
+            predict_model=predict_model,
+            predict_backends=backend_list,
+            calibrate=calibrate or None,
+            predict_ood=predict_ood,
         )
     if json_out:
         print_json(report.rows)
@@ -117,7 +157,8 @@ def _render(rows: list[dict[str, Any]]) -> None:
     table_rows = []
     for r in rows:
         layout = "" if "channels_last" not in r else ("NHWC" if r["channels_last"] else "NCHW")
-        setting = " ".join(x for x in (r.get("precision", ""), layout) if x)
+        screen = "no OOD screen" if r.get("ood") is False else ""
+        setting = " ".join(x for x in (r.get("backend", ""), r.get("precision", ""), layout, screen) if x)
         speed = r.get("images_per_s")
         task = f"{r['task']} ({r['cache']})" if "cache" in r else r["task"]
         table_rows.append(
@@ -130,6 +171,7 @@ def _render(rows: list[dict[str, Any]]) -> None:
                 _num(r.get("forward_gflops"), "{:.1f}"),
                 _num(r.get("forward_fraction"), "{:.0%}"),
                 _num(r.get("pipeline_fraction"), "{:.0%}"),
+                _agreement(r),
                 f"{r['vs_keras']:.2f}x" if "vs_keras" in r else "",
             ]
         )
@@ -145,6 +187,7 @@ def _render(rows: list[dict[str, Any]]) -> None:
                 "fwd GFLOP/s",
                 "% of fwd",
                 "pipeline/in-mem",
+                "vs fp32 (top-1, max dp)",
                 "vs keras",
             ],
             table_rows,
@@ -154,3 +197,11 @@ def _render(rows: list[dict[str, Any]]) -> None:
 
 def _num(value: float | None, fmt: str) -> str:
     return "" if value is None else fmt.format(value)
+
+
+def _agreement(row: dict[str, Any]) -> str:
+    """A fast path's agreement with the torch row of the same files; * marks one short of the bar."""
+    if "top1_agreement" not in row:
+        return ""
+    mark = "" if row.get("meets_bar") else "*"
+    return f"{row['top1_agreement']:.1%}, {row['max_prob_diff']:.3f}{mark}"
