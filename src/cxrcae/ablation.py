@@ -471,11 +471,12 @@ def efficiency_plot(points: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def _errorbar(ax, xs, values, cis, label: str, k: int) -> None:
+    """Arm ``k`` in its own colour (``C<k>``) in every panel, shifted so that bars do not overlap."""
     shift = [x * (1 + 0.04 * (k - 1)) for x in xs]  # side by side, not on top of each other
     ys = [math.nan if v is None else float(v) for v in values]
     lo = [_half(y, c, 0) for y, c in zip(ys, cis)]
     hi = [_half(y, c, 1) for y, c in zip(ys, cis)]
-    ax.errorbar(shift, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=label)
+    ax.errorbar(shift, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=label, color=f"C{k}")
 
 
 def _half(y: float, ci: Sequence[float | None] | None, side: int) -> float:
