@@ -40,7 +40,7 @@ from cxrcae.data import label_fraction, load_records, write_records
 from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.eval.evaluation import evaluate
 from cxrcae.eval.paired import COMPARED, paired_bootstrap
-from cxrcae.pipeline import prepare_splits
+from cxrcae.pipeline import headline, prepare_splits
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain, resume_run
 from cxrcae.train.state import find_resume_folder
@@ -289,21 +289,7 @@ def _tested(best: Path, splits: Path, cfg: AblationConfig, progress: ProgressFn)
             progress=progress,
         )
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"test": _headline(metrics), "eval_dir": str(out), "scores": _scores(out / "predictions.csv")}
-
-
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    ci = metrics.get("ci") or {}
-    macro = ci.get("macro") or {}
-    return {
-        "n": metrics["n"],
-        "accuracy": metrics["accuracy"],
-        "accuracy_ci": ci.get("accuracy"),
-        "macro_f1": metrics["macro"]["f1"],
-        "macro_f1_ci": macro.get("f1"),
-        "macro_auc": metrics["macro"].get("auc"),
-        "macro_auc_ci": macro.get("auc"),
-    }
+    return {"test": headline(metrics), "eval_dir": str(out), "scores": _scores(out / "predictions.csv")}
 
 
 def _scores(predictions: Path) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def run_pipeline(
             "best_metrics": clf.best_metrics,
             "seconds": clf.seconds,
         },
-        test=_headline(result.metrics),
+        test=headline(result.metrics),
         files={k: str(v) for k, v in result.files.items()},
     )
     atomic_write_text(out / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
@@ -159,7 +159,7 @@ def _audit(splits: Path, pixel_hashes: FileHashes[str] | None, progress: Progres
     return {"leakage": report.leakage, **report.summary(), "dominant_sources": report.dominant}
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The figures a reader looks for first, each with its 95% interval when it was bootstrapped."""
     ci = metrics.get("ci", {})
     macro_ci = ci.get("macro", {})
