@@ -301,23 +301,15 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
         keras_script="keras_reference.py",
     )
 
+    frozen = ("tfpython", "keras_reference.py", "finetune", "--size", "64", "--batch", "4", "--steps", "3")
     assert calls == [
         ("tfpython", "keras_reference.py", "pretrain", "--size", "64", "--batch", "4", "--steps", "3"),
-        (
-            "tfpython",
-            "keras_reference.py",
-            "finetune",
-            "--size",
-            "64",
-            "--batch",
-            "4",
-            "--steps",
-            "3",
-            "--frozen",
-        ),
+        ("tfpython", "keras_reference.py", "pretrain", "--size", "64", "--batch", "4", "--steps", "3"),
+        (*frozen, "--frozen"),
+        (*frozen, "--frozen"),
         ("tfpython", "keras_reference.py", "predict", str(tmp_path), "--size", "64", "--batch", "8"),
         ("tfpython", "keras_reference.py", "predict", str(tmp_path), "--size", "64", "--batch", "8"),
-    ]  # the predict peer runs before and after ours
+    ]  # each training peer runs twice, the predict peer before and after ours
     assert [(r["task"], r["impl"], r.get("vs_keras")) for r in report.rows] == [
         ("pretrain", "cxrcae", 2.5),  # 30 / 12
         ("pretrain", "cxrcae", None),  # no figure, no ratio
@@ -351,6 +343,7 @@ def test_run_bench_ratios_against_a_fake_keras(monkeypatch, tmp_path):
         "task": "pretrain",
         "precision": "fp32",
         "images_per_s": 12.0,
+        "runs_images_per_s": [12.0, 12.0],
         "image_size": 64,
         "batch_size": 4,
         "tf": "2.x",

@@ -106,3 +106,60 @@ def test_transposed_conv_matches_keras_same_geometry():
         y = layer(x)[0, 0]
     assert y.shape == (6, 6)
     assert y[:3, :3].sum() == 9 and y.sum() == 9  # the 3x3 footprint starts at (0, 0)
+
+
+def _outputs_and_grads(model, x, fast: bool, monkeypatch):
+    from cxrcae.models import cae
+
+    monkeypatch.setattr(cae, "FAST_PATHS", fast)
+    model.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    out = model(xx)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), xx.grad.clone(), grads
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_fast_paths_equal_the_plain_layer_order(channels_last, monkeypatch):
+    """Strided-input-gradient deconvolutions and pool-before-ReLU: same outputs and gradients as plain."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = ConvAutoencoder().to(memory_format=fmt)
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=fmt)
+    plain = _outputs_and_grads(model, x, False, monkeypatch)
+    fast = _outputs_and_grads(model, x, True, monkeypatch)
+    assert fast[0].is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-7)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(fast[2][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_transposed_conv_fast_path_matches_the_layer_at_odd_sizes(monkeypatch):
+    from cxrcae.models import cae
+
+    torch.manual_seed(1)
+    layer = cae.KerasSameConvTranspose2d(5, 4)
+    x = torch.randn(3, 5, 7, 5)
+    monkeypatch.setattr(cae, "FAST_PATHS", False)
+    ref = layer(x)
+    monkeypatch.setattr(cae, "FAST_PATHS", True)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+    assert layer(x).shape == (3, 4, 14, 10)
+
+
+def test_hooks_and_export_see_the_documented_layer_order(monkeypatch):
+    """A hook on relu2 sees the full-resolution activation: the fast path steps aside for it."""
+    from cxrcae.models import cae
+
+    enc = CAEEncoder()
+    seen = []
+    handle = enc.stages.relu2.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    enc(torch.rand(1, 3, 64, 64))
+    handle.remove()
+    assert seen == [torch.Size([1, 64, 64, 64])]
+    assert cae._hooked(enc) is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cae._fast_path(torch.rand(1)) is False
+    assert cae._fast_path(torch.rand(1)) is True

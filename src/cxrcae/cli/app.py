@@ -151,6 +151,9 @@ _register_commands()
 
 def main() -> None:
     """Console-script entry point; usage errors exit 2, user errors 1."""
+    from cxrcae.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before any tensor exists: every command's large blocks reuse pages
     try:
         app(prog_name="cxrcae")
     except CxrcaeError as exc:  # raised outside a command (e.g. in a callback)

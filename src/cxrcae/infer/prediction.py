@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from cxrcae import bundled
+from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError
 from cxrcae.eval.calibration import model_temperature
 from cxrcae.eval.explain import GradCAM, save_overlay
@@ -152,6 +153,7 @@ def iter_predictions(
     """
 
     runner = None
+    keep_freed_memory()
     backend = _check_backend(backend, device, precision, explain_dir)
     if backend != "torch":
         threads = max(1, torch.get_num_threads() - num_workers) if num_workers else None  # _threads_beside
