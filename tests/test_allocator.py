@@ -21,7 +21,8 @@ def _run(env_value: str | None) -> list[str]:
     env.pop("CXRCAE_ALLOCATOR", None)
     if env_value is not None:
         env["CXRCAE_ALLOCATOR"] = env_value
-    done = subprocess.run([sys.executable, "-c", _SNIPPET], env=env, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-c", _SNIPPET]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return done.stdout.split()
 
 

@@ -775,10 +775,10 @@ def run_bench(
         rows += [{"impl": "cxrcae", **r} for r in ours]
         if peer_cmd is not None:
             # twice, keeping the better figure (as for predict): a noisy spell can only favour the peer
-            runs = []
+            runs, peer_args = [], _keras_train_args(task, image_size, batch_size, steps)
             for done in range(2):
                 progress(f"{task} keras", done, 2)
-                runs.append(keras_reference(*peer_cmd, *_keras_train_args(task, image_size, batch_size, steps)))
+                runs.append(keras_reference(*peer_cmd, *peer_args))
             progress(f"{task} keras", 2, 2)
             rows.append(
                 {
