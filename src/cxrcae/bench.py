@@ -57,7 +57,7 @@ from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision
 from cxrcae.train.config import PretrainConfig
-from cxrcae.train.data import epoch_seed, make_loader, pretrain_data
+from cxrcae.train.data import epoch_seed, make_loader, pretrain_data, training_workers
 from cxrcae.train.engine import Runtime, train_one_epoch
 from cxrcae.train.finetuning import apply_stage
 
@@ -482,7 +482,7 @@ def bench_predict(
     model: str | Path | None = None,
     image_size: int = 224,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     progress: ProgressFn = no_progress,
@@ -492,14 +492,14 @@ def bench_predict(
 ) -> list[dict[str, Any]]:
     """End-to-end ``predict`` (decode, resize, forward) per backend beside decoding alone, on the same files.
 
-    Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used (throughput does not
-    depend on the weights); a given model is copied into a temporary folder first, so the ONNX files the
-    run exports never touch it. Each backend is timed through ``iter_predictions`` as ``cxrcae predict``
-    runs it (model loading included, ``num_workers`` decoding workers); ``torch`` is PyTorch in fp32 unless
-    ``precision`` says otherwise. ``onnxruntime-int8`` is built first with ``quantize_onnx``, calibrated
-    on ``calibrate`` (default: the benchmarked files themselves) and run even when it misses the agreement
-    bar, since this measures it. Each non-torch row carries its agreement with the torch row on the same
-    files (``top1_agreement``, ``max_prob_diff``, ``meets_bar`` with at least 200 files). ``ood``: the
+    Without ``model`` an untrained LSTM-head classifier of ``image_size`` is used (throughput does not depend
+    on the weights); a given model is copied into a temporary folder first, so the ONNX files the run exports
+    never touch it. Each backend is timed through ``iter_predictions`` as ``cxrcae predict`` runs it (model
+    loading included, ``num_workers`` decoding workers, None: chosen as predict chooses); ``torch`` is PyTorch
+    in fp32 unless ``precision`` says otherwise. ``onnxruntime-int8`` is built first with ``quantize_onnx``,
+    calibrated on ``calibrate`` (default: the benchmarked files themselves) and run even when it misses the
+    agreement bar, since this measures it. Each non-torch row carries its agreement with the torch row on the
+    same files (``top1_agreement``, ``max_prob_diff``, ``meets_bar`` with at least 200 files). ``ood``: the
     out-of-distribution screen predict runs by default (a model with a guard autoencoder runs it on every
     image, in torch, whatever the backend; the Keras peer has no such screen).
     """
@@ -522,7 +522,7 @@ def bench_predict(
             "images": len(files),
             "image_size": size,
             "batch_size": batch_size,
-            "num_workers": num_workers,
+            "num_workers": "auto" if num_workers is None else num_workers,
         }
 
         start = time.perf_counter()
@@ -732,7 +732,7 @@ def run_bench(
     progress: ProgressFn = no_progress,
     data: str | Path | None = None,
     data_steps: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     predict_model: str | Path | None = None,
     predict_backends: Sequence[str] = PREDICT_BACKENDS,
     calibrate: Any = None,
@@ -810,7 +810,7 @@ def run_bench(
             settings,
             device,
             data_steps,
-            num_workers,
+            training_workers(num_workers),
             in_memory,
             progress=progress,
         )

@@ -40,10 +40,11 @@ from cxrcae.errors import CxrcaeError
 from cxrcae.eval.calibration import model_temperature
 from cxrcae.eval.explain import GradCAM, save_overlay
 from cxrcae.hub.resolve import resolve_checkpoint
-from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
+from cxrcae.infer.batches import UniqueNames, load_for_inference
 from cxrcae.infer.onnx import onnx_classifier, require_onnxruntime
 from cxrcae.infer.ood import UNCERTAIN, Screen
 from cxrcae.infer.quantize import int8_classifier
+from cxrcae.infer.workers import WorkerPlan
 from cxrcae.io import find_images
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
@@ -133,7 +134,7 @@ def iter_predictions(
     model: Any = None,
     *,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     top_k: int | None = None,
@@ -195,23 +196,22 @@ def iter_predictions(
 
     paths = [entries[i][0] for i in to_decode]
     size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
-    batches = iter_batches(
-        paths, size, mode, batch_size=batch_size, num_workers=num_workers, facts=screen is not None
-    )
-    for batch in batches:
+    plan = WorkerPlan(num_workers)  # None: chosen by timing the first batch (cxrcae.infer.workers)
+    for batch in plan.batches(paths, size, mode, batch_size, facts=screen is not None):
         for j, path, reason in batch.errors:
             results[to_decode[j]] = Prediction(path, "error", reason=reason)
         if batch.indices:
-            images = batch.images.to(dev, non_blocking=True)
-            if explainer is not None:
-                logits, cams = explainer(images)
-            elif runner is not None:
-                logits = torch.from_numpy(runner(batch.images.numpy()))
-            else:
-                with torch.inference_mode(), autocast(dev, dtype), _threads_beside(dev, num_workers):
-                    logits = net(images)
-            probs = torch.softmax(logits.float() / temperature, dim=1).cpu().numpy()
-            verdicts = screen.check(batch.images, batch.facts) if screen is not None else None
+            with plan.computing():
+                images = batch.images.to(dev, non_blocking=True)
+                if explainer is not None:
+                    logits, cams = explainer(images)
+                elif runner is not None:
+                    logits = torch.from_numpy(runner(batch.images.numpy()))
+                else:
+                    with torch.inference_mode(), autocast(dev, dtype), _threads_beside(dev, plan.workers):
+                        logits = net(images)
+                probs = torch.softmax(logits.float() / temperature, dim=1).cpu().numpy()
+                verdicts = screen.check(batch.images, batch.facts) if screen is not None else None
             for row, (j, path) in enumerate(zip(batch.indices, batch.paths)):
                 pred = _make_prediction(path, probs[row], names, k, threshold)
                 if verdicts is not None:
@@ -224,7 +224,7 @@ def iter_predictions(
         # rows between decoded files (skipped/missing ones) are ready as soon as the batch before them is
         upto = to_decode[last + 1] if last + 1 < len(to_decode) else total
         rate = (last + 1) / max(time.perf_counter() - start, 1e-9)
-        progress("predict", done, total, f"{rate:.1f} img/s")
+        progress("predict", done, total, f"{rate:.1f} img/s, {plan.workers} decoding workers")
         yield from flush(upto)
     yield from flush(total)
     rate = len(to_decode) / max(time.perf_counter() - start, 1e-9)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,15 +79,6 @@ ResumeOpt = Annotated[
 _RENAMED = {"bootstrap": "n_bootstrap"}
 
 
-def training_workers(num_workers: int | None) -> int:
-    """Decoding workers for training: CPUs-2, at most 4. With images decoded once (the decoded cache), a
-    worker on a 2-core machine only competes with the training step: measured at 224 px, batch 16, 2 cores,
-    a pass over cached real files ran at 78% of the in-memory step rate with 1 worker and 103% with none."""
-    if num_workers is not None:
-        return num_workers
-    return max(0, min(4, (os.cpu_count() or 1) - 2))
-
-
 def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The core's config dataclass filled from a command's options, matched by name.
 
@@ -100,6 +90,8 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     values = {_RENAMED.get(k, k): v for k, v in options.items()}
     values = {k: v for k, v in values.items() if k in fields}
     if "num_workers" in values:
+        from cxrcae.train.data import training_workers
+
         values["num_workers"] = training_workers(values["num_workers"])
     if isinstance(values.get("stages"), str):
         values["stages"] = tuple(s.strip() for s in values["stages"].split(",") if s.strip())

@@ -89,7 +89,7 @@ def bench_command(
             "--num-workers",
             min=0,
             help="DataLoader workers of the --data passes and of --predict (decoding).",
-            show_default="CPUs-1, max 4",
+            show_default="as training (CPUs-2, max 4) and as predict (measured on the first batch)",
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -106,7 +106,7 @@ def bench_command(
     bar: >= 99.5% on >= 200 files, <= 0.02).
     """
     from cxrcae.bench import PREDICT_BACKENDS, TRAIN_TASKS, run_bench
-    from cxrcae.cli.common import path_arg, progress_bar, workers_or_default
+    from cxrcae.cli.common import path_arg, progress_bar
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in task_list if t not in TRAIN_TASKS]
@@ -141,7 +141,7 @@ def bench_command(
             progress=progress,
             data=path_arg(data) if data is not None else None,
             data_steps=data_steps,
-            num_workers=workers_or_default(num_workers),
+            num_workers=num_workers,
             predict_model=predict_model,
             predict_backends=backend_list,
             calibrate=calibrate or None,

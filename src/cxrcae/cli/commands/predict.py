@@ -11,7 +11,6 @@ import typer
 
 from cxrcae.cli.app import app
 from cxrcae.cli.common import (
-    DecodeWorkersOpt,
     DeviceOpt,
     InferenceBatchOpt,
     JsonOpt,
@@ -21,7 +20,6 @@ from cxrcae.cli.common import (
     err_console,
     make_table,
     print_json,
-    workers_or_default,
 )
 from cxrcae.errors import EXIT_SOME_FAILED
 
@@ -69,7 +67,15 @@ def predict_command(
         typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
     ] = None,
     batch_size: InferenceBatchOpt = 32,
-    num_workers: DecodeWorkersOpt = None,
+    num_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--num-workers",
+            min=0,
+            help="Decoding worker processes.",
+            show_default="chosen by timing the first batch",
+        ),
+    ] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
     ] = True,
@@ -126,7 +132,6 @@ def predict_command(
         output_format(output)  # fail before any work on a bad extension
     elif resume:
         raise typer.BadParameter("continues an --output run; give that --output", param_hint="--resume")
-    workers = workers_or_default(num_workers)
     counts = {"ok": 0, "error": 0, "skipped": 0, "refused": 0, "flagged": 0}
     shown: list[Any] = []
     errors: list[Any] = []
@@ -147,7 +152,7 @@ def predict_command(
             paths,
             folder,
             batch_size=batch_size,
-            num_workers=workers,
+            num_workers=num_workers,  # None: chosen by timing the first batch
             device=device,
             precision=precision,
             top_k=top_k,

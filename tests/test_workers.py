@@ -1,0 +1,58 @@
+"""Decoding workers chosen from the run's own first batch (cxrcae.infer.workers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cxrcae.infer.workers import WorkerPlan, choose_workers
+
+
+@pytest.mark.parametrize(
+    ("decode_s", "compute_s", "cores", "expected"),
+    [
+        (0.8, 1.1, 2, 0),  # 224 px on 2 cores: the model's second thread is worth more than overlap
+        (0.8, 0.2, 2, 1),  # small model, slow decode: one worker decodes while one thread predicts
+        (0.8, 1.1, 4, 1),
+        (0.8, 0.4, 16, 2),  # more workers would starve the model of cores
+        (0.8, 0.1, 16, 4),  # capped
+        (0.8, 1.1, 1, 0),  # one core: nothing to overlap with
+    ],
+)
+def test_choice_follows_the_measured_balance(decode_s, compute_s, cores, expected):
+    assert choose_workers(decode_s, compute_s, 32, cores, remaining=1000, batch_size=32) == expected
+
+
+def test_short_runs_never_start_workers():
+    assert choose_workers(0.8, 0.2, 32, 2, remaining=40, batch_size=32) == 0
+
+
+def test_auto_plan_measures_then_continues_with_offset_indices(monkeypatch, tmp_path):
+    from cxrcae.infer import workers as module
+
+    paths = [tmp_path / f"{i}.png" for i in range(10)]
+    for p in paths[:9]:
+        from PIL import Image
+
+        Image.new("L", (40, 40), color=len(p.name) * 9).save(p)
+    paths[9].write_bytes(b"not an image")
+    chosen = []
+    real = module.choose_workers
+    monkeypatch.setattr(module, "choose_workers", lambda *a: chosen.append(a) or real(*a))
+
+    plan = WorkerPlan(None)
+    assert plan.workers == 0
+    seen, errors = [], []
+    for batch in plan.batches(paths, 32, "stretch", 4, facts=False):
+        with plan.computing():
+            seen += batch.indices
+            errors += [i for i, _, _ in batch.errors]
+    assert seen == list(range(9)) and errors == [9]  # every input once, in order, offsets applied
+    assert len(chosen) == 1 and chosen[0][2:] == (4, chosen[0][3], 6, 4)
+
+
+def test_fixed_plan_never_measures(monkeypatch, tmp_path):
+    from cxrcae.infer import workers as module
+
+    monkeypatch.setattr(module, "choose_workers", lambda *a: pytest.fail("a fixed count is not re-chosen"))
+    plan = WorkerPlan(0)
+    assert list(plan.batches([], 32, "stretch", 4, facts=False)) == []
