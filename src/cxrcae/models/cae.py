@@ -27,6 +27,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 ENCODER_CHANNELS = (64, 64, 128, 256, 512, 512)
 DECODER_CHANNELS = (512, 256, 128, 64)
@@ -159,8 +160,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _hooked(root: nn.Module) -> bool:
     """Whether any hook watches ``root`` or a module in it (then every layer must run as itself)."""
-    from torch.nn.modules import module as module_globals
-
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in root.modules())
