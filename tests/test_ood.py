@@ -352,6 +352,7 @@ def test_predict_cli_shows_flags_and_writes_columns(cli, guarded, ood_cases, xra
     assert result.exit_code == 0, result.output
     assert "out of distribution" in result.output and "refused" in result.output
     assert "1 refused" in result.output
+    assert "Predictions (3 file(s))" in result.output and "more row(s)" not in result.output  # flagged: once
     rows = read_predictions(out)
     assert [r["status"] for r in rows] == ["ok", "refused", "ok"]
     assert rows[0]["out_of_distribution"] is True and rows[0]["label"] == UNCERTAIN

@@ -178,7 +178,7 @@ def predict_command(
                 if writer is None:  # opened on the first row: no output file when there is nothing to write
                     writer = stack.enter_context(PredictionWriter(output, class_names, journal))
                 writer.write(pred.to_dict())
-    total = sum(counts.values())
+    total = sum(n for status, n in counts.items() if status != "flagged")  # flagged rows are also "ok"
     if total == 0:
         raise CxrcaeError(f"no files found in {', '.join(paths)}")
 
