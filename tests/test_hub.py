@@ -219,3 +219,30 @@ def test_timm_loads_from_the_hub(hub: FakeHub, autoencoder_dir):
     with torch.no_grad():
         assert torch.equal(by_overlay.eval().forward_features(x), expected)
         assert torch.equal(by_name.eval().forward_features(x), expected)
+
+
+def test_the_ood_guard_travels_with_its_classifier(hub: FakeHub, classifier_dir, tmp_path):
+    from cxrcae.models import ConvAutoencoder
+    from cxrcae.models.guard import GUARD_NAME, load_guard, save_guard
+
+    save_guard(
+        classifier_dir,
+        _seeded(ConvAutoencoder(), 3),
+        {"threshold": 0.01, "image_size": 32, "resize_mode": "stretch"},
+    )
+    push_checkpoint(classifier_dir, "user/guarded", token=TOKEN)
+    assert hub.files("user/guarded", "main")[GUARD_NAME] == (classifier_dir / GUARD_NAME).read_bytes()
+
+    result = pull("user/guarded", tmp_path / "pulled", token=TOKEN)
+    assert GUARD_NAME in result.files
+    guard = load_guard(result.folder, result.config)  # sha256 and shapes checked against config.json
+    assert guard is not None and guard.block["threshold"] == 0.01
+
+    encoder_only = push_checkpoint(classifier_dir, "user/guarded-encoder", encoder_only=True, token=TOKEN)
+    assert encoder_only.kind == "encoder"
+    assert GUARD_NAME not in hub.files("user/guarded-encoder", "main")  # the guard belongs to the classifier
+    assert "ood" not in json.loads(hub.files("user/guarded-encoder", "main")["config.json"])
+
+    (classifier_dir / GUARD_NAME).write_bytes(b"\0" * 64)  # altered after its config was written
+    with pytest.raises(CheckpointError, match="sha256"):
+        push_checkpoint(classifier_dir, "user/guarded", token=TOKEN)

@@ -44,6 +44,7 @@ from cxrcae.models.checkpoint import (
     read_config,
 )
 from cxrcae.models.encoder import PretrainedEncoder
+from cxrcae.models.guard import GUARD_NAME
 
 try:  # the HTTP client huggingface_hub >= 1.0 uses
     import httpx2 as _httpx
@@ -53,7 +54,7 @@ except ImportError:  # pragma: no cover - older stacks
     except ImportError:
         _httpx = None
 
-HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, GUARD_NAME)  # the guard only where config.json has one
 
 
 def parse_repo_ref(ref: str) -> tuple[str, str | None]:
@@ -109,8 +110,9 @@ def is_http_error(exc: BaseException) -> bool:
 def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
     """Download (or find in the cache) a Hub checkpoint; returns its snapshot folder.
 
-    Only ``config.json``, ``model.safetensors`` and ``README.md`` are fetched, all from the same commit; a
-    repo without safetensors weights is refused, whatever else it holds. Keys are checked later by the loader.
+    Only ``config.json``, ``model.safetensors``, ``README.md`` and (when config.json declares one) the
+    ``ood.safetensors`` guard are fetched, all from the same commit; a repo without safetensors weights is
+    refused, whatever else it holds. Keys are checked later by the loader.
     """
     repo_id, revision = parse_repo_ref(ref)
     offline = hub_offline()
@@ -153,6 +155,12 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
             fetch(CARD_NAME, commit, CONFIG_MAX_BYTES)
         except EntryNotFoundError:
             pass  # a card is welcome, not required
+        if "ood" in (config := read_config(folder)):  # its OOD guard (cxrcae.models.guard), checked on load
+            guard_config = {"kind": "autoencoder", "in_chans": config.get("in_chans", 3)}
+            try:
+                fetch(GUARD_NAME, commit, max_weights_bytes(expected_tensors(guard_config)))
+            except EntryNotFoundError:
+                pass  # predict then says the guard is missing and runs the other checks
     except (CxrcaeError, KeyboardInterrupt):
         raise
     except GatedRepoError:

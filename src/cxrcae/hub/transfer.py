@@ -43,6 +43,7 @@ from cxrcae.hub.resolve import (
 )
 from cxrcae.models.cae import CAEEncoder
 from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict, save_checkpoint
+from cxrcae.models.guard import GUARD_NAME, guard_block, load_guard
 from cxrcae.progress import ProgressFn, no_progress
 
 # Config keys that describe a whole autoencoder/classifier, not the encoder taken out of it.
@@ -54,6 +55,7 @@ _NOT_ENCODER_KEYS = (
     "num_parameters",
     "weights_sha256",
     "versions",
+    "ood",
 )
 
 
@@ -112,7 +114,7 @@ def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -
             raise CxrcaeError(f"{dest}: exists and is not a folder")
         # all written before any is renamed, config last (as save_checkpoint does): a failed copy leaves
         # what was in ``dest`` before, and a copy never looks complete before it is
-        names = [name for name in (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME) if name in files]
+        names = [name for name in (WEIGHTS_NAME, GUARD_NAME, CARD_NAME, CONFIG_NAME) if name in files]
         atomic_write_many({dest / name: (folder / name).read_bytes() for name in names})
         folder = dest
     return PullResult(
@@ -192,6 +194,9 @@ def prepare_upload(
     else:
         shutil.copyfile(src / WEIGHTS_NAME, staging / WEIGHTS_NAME)  # byte for byte: the sha256 still matches
         shutil.copyfile(src / CONFIG_NAME, staging / CONFIG_NAME)
+        if guard_block(config) is not None:  # the OOD guard travels with its classifier, checked first
+            load_guard(src, config)
+            shutil.copyfile(src / GUARD_NAME, staging / GUARD_NAME)
     if card is not None:
         text = Path(card).read_text("utf-8")
     else:
