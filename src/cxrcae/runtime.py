@@ -33,7 +33,7 @@ from cxrcae.models.cae import ConvAutoencoder
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 PROBE_ENV = "CXRCAE_PROBE"
 """``CXRCAE_PROBE=off`` skips the speed probe: ``auto`` then means fp32 with channels_last."""
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: the CPU fast paths (cxrcae.models.cae) and the allocator changed the timings
 PROBE_SIZE = 128
 PROBE_BATCH = 4
 BF16_MARGIN = 1.15
