@@ -187,3 +187,26 @@ def test_cli_export_then_predict(cli, other, mini_folder, tmp_path):
     refused = cli(*args, "--backend", "onnxruntime", "--explain", tmp_path / "cams")
     assert refused.exit_code == 1 and "Grad-CAM" in refused.output and "Traceback" not in refused.output
     assert cli("export", folder).exit_code == 2  # no format chosen
+
+
+def test_workers_chosen_after_the_first_batch_rebuild_the_session(
+    classifier, exported, mini_folder, monkeypatch
+):
+    """Auto workers: the session's threads follow the choice; the rows stay those of a fixed run."""
+    from cxrcae.infer import onnx as onnx_module
+    from cxrcae.infer import workers
+
+    paths = _images(mini_folder)
+    fixed = predict(paths, classifier, backend="onnxruntime", batch_size=2, num_workers=0)
+    built = []
+    real = onnx_module.OnnxClassifier.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(kwargs.get("threads", args[-1] if args else None))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_module.OnnxClassifier, "__init__", spy)
+    monkeypatch.setattr(workers, "choose_workers", lambda *a: 1)
+    auto = predict(paths, classifier, backend="onnxruntime", batch_size=2)
+    assert len(built) == 2  # the first batch's session, then one sharing the cores with 1 worker
+    assert [(p.path, p.label) for p in auto] == [(p.path, p.label) for p in fixed]

@@ -157,11 +157,15 @@ def iter_predictions(
     keep_freed_memory()
     backend = _check_backend(backend, device, precision, explain_dir)
     if backend != "torch":
-        threads = max(1, torch.get_num_threads() - num_workers) if num_workers else None  # _threads_beside
-        if backend == "onnxruntime-int8":
-            runner, config = int8_classifier(resolve_model_ref(model), force=force_int8, threads=threads)
-        else:
-            runner, config = onnx_classifier(resolve_model_ref(model), progress=progress, threads=threads)
+
+        def make_runner(workers: int):
+            """The ONNX Runtime session, its threads cut to the cores ``workers`` leave."""
+            threads = max(1, torch.get_num_threads() - workers) if workers else None
+            if backend == "onnxruntime-int8":
+                return int8_classifier(resolve_model_ref(model), force=force_int8, threads=threads)
+            return onnx_classifier(resolve_model_ref(model), progress=progress, threads=threads)
+
+        runner, config = make_runner(num_workers or 0)
         net, dev, dtype = None, torch.device("cpu"), None
     else:
         dev = resolve_device(device)
@@ -197,7 +201,10 @@ def iter_predictions(
     paths = [entries[i][0] for i in to_decode]
     size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
     plan = WorkerPlan(num_workers)  # None: chosen by timing the first batch (cxrcae.infer.workers)
+    runner_workers = plan.workers
     for batch in plan.batches(paths, size, mode, batch_size, facts=screen is not None):
+        if runner is not None and plan.workers != runner_workers:  # workers chosen after the first batch
+            runner, runner_workers = make_runner(plan.workers)[0], plan.workers
         for j, path, reason in batch.errors:
             results[to_decode[j]] = Prediction(path, "error", reason=reason)
         if batch.indices:
