@@ -55,6 +55,17 @@ DecodeWorkersOpt = Annotated[
 ]
 
 
+MeasuredWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-workers",
+        min=0,
+        help="Decoding worker processes.",
+        show_default="chosen by timing the first batch",
+    ),
+]
+
+
 def workers_or_default(num_workers: int | None) -> int:
     """Decode in parallel by default, leaving a core for the model."""
     if num_workers is not None:

@@ -30,7 +30,7 @@ import torch
 from cxrcae._atomic import AtomicFile, as_write_error
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import load_encoder
-from cxrcae.infer.batches import iter_batches
+from cxrcae.infer.workers import WorkerPlan, threads_beside
 from cxrcae.infer.writers import RowJournal, locked_output
 from cxrcae.io import find_images
 from cxrcae.models.encoder import PretrainedEncoder
@@ -240,7 +240,7 @@ def embed(
     *,
     pooled: bool = True,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
     recursive: bool = True,
@@ -332,7 +332,7 @@ def _computed_rows(
     dev: torch.device,
     dtype: torch.dtype | None,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     progress: ProgressFn,
 ) -> Iterator[tuple[str, str, np.ndarray | None]]:
     """(status, reason, features) of each input not in ``saved``, in input order; every batch's rows go
@@ -341,14 +341,14 @@ def _computed_rows(
     done, ok = len(saved), 0
     start = time.perf_counter()
     progress("embed", done, len(paths), "")
-    batches = iter_batches(
-        [paths[i] for i in todo], encoder.image_size, encoder.resize_mode, batch_size, num_workers
-    )
-    for batch in batches:
+    plan = WorkerPlan(num_workers)  # None: chosen by timing the first batch, as predict does
+    todo_paths = [paths[i] for i in todo]
+    for batch in plan.batches(todo_paths, encoder.image_size, encoder.resize_mode, batch_size, facts=False):
         rows: dict[int, tuple[str, str, str, np.ndarray | None]] = {}
         if batch.indices:
-            with torch.inference_mode(), autocast(dev, dtype):
-                feats = encoder(batch.images.to(dev)).float().cpu().numpy()
+            with plan.computing(), torch.inference_mode(), autocast(dev, dtype):
+                with threads_beside(dev, plan.workers):
+                    feats = encoder(batch.images.to(dev)).float().cpu().numpy()
             for k, (j, p) in enumerate(zip(batch.indices, batch.paths)):
                 rows[j] = (p, "ok", "", np.ascontiguousarray(feats[k], dtype="<f4"))
         for j, p, reason in batch.errors:

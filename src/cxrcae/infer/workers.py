@@ -92,3 +92,18 @@ class WorkerPlan:
                 indices=[i + offset for i in batch.indices],
                 errors=[(i + offset, p, r) for i, p, r in batch.errors],
             )
+
+
+@contextmanager
+def threads_beside(dev: torch.device, workers: int) -> Iterator[None]:
+    """For one forward pass on the CPU, torch's threads cut to the cores the decoding workers leave free
+    (restored after): on 2 cores with 1 worker, 1 thread predicted 8.2 img/s and 2 threads 5.9 (224 px)."""
+    before = torch.get_num_threads()
+    wanted = max(1, before - int(workers)) if dev.type == "cpu" else before
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)

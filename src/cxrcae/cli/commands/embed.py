@@ -9,16 +9,15 @@ import typer
 
 from cxrcae.cli.app import app
 from cxrcae.cli.common import (
-    DecodeWorkersOpt,
     DeviceOpt,
     InferenceBatchOpt,
     JsonOpt,
+    MeasuredWorkersOpt,
     QuietOpt,
     console,
     err_console,
     make_table,
     print_json,
-    workers_or_default,
 )
 from cxrcae.errors import EXIT_SOME_FAILED
 
@@ -43,7 +42,7 @@ def embed_command(
         ),
     ] = True,
     batch_size: InferenceBatchOpt = 32,
-    num_workers: DecodeWorkersOpt = None,
+    num_workers: MeasuredWorkersOpt = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
     ] = True,
@@ -73,7 +72,6 @@ def embed_command(
     from cxrcae.infer.embed import embed, output_format
 
     output_format(output)  # fail before loading anything on a bad extension or missing pyarrow
-    workers = workers_or_default(num_workers)
     with progress_bar(quiet or json_out) as progress:
         result = embed(
             paths,
@@ -81,7 +79,7 @@ def embed_command(
             output,
             pooled=pooled,
             batch_size=batch_size,
-            num_workers=workers,
+            num_workers=num_workers,  # None: chosen by timing the first batch
             device=device,
             precision=precision,
             recursive=recursive,

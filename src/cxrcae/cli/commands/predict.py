@@ -14,6 +14,7 @@ from cxrcae.cli.common import (
     DeviceOpt,
     InferenceBatchOpt,
     JsonOpt,
+    MeasuredWorkersOpt,
     PrecisionOpt,
     QuietOpt,
     console,
@@ -67,15 +68,7 @@ def predict_command(
         typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
     ] = None,
     batch_size: InferenceBatchOpt = 32,
-    num_workers: Annotated[
-        int | None,
-        typer.Option(
-            "--num-workers",
-            min=0,
-            help="Decoding worker processes.",
-            show_default="chosen by timing the first batch",
-        ),
-    ] = None,
+    num_workers: MeasuredWorkersOpt = None,
     recursive: Annotated[
         bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")
     ] = True,
