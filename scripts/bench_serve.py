@@ -15,12 +15,7 @@ import argparse
 import json
 import os
 import platform
-import queue
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,50 +24,19 @@ from pathlib import Path
 
 import httpx
 
+from cxrcae.serve.launch import ServerStartError, serve_in_subprocess
+
 WARMUP = 3
 
 
 @contextmanager
 def start_server(*args: str, timeout: float = 300.0) -> Iterator[str]:
     """``python -m cxrcae serve --port 0 ARGS``: yields its URL once /health answers; Ctrl-C on exit."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxrcae", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline, url, log = time.monotonic() + timeout, None, []
     try:
-        while url is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("cxrcae serve did not start:\n" + "".join(log))
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            log.append(line)
-            found = re.search(r"Open (http://127\.0\.0\.1:\d+)/", line)
-            url = found.group(1) if found else None
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("cxrcae serve never answered /health:\n" + "".join(log))
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with serve_in_subprocess(*args, timeout=timeout) as url:
+            yield url
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def post(client: httpx.Client, url: str, image: Path, data: bytes) -> float:

@@ -511,3 +511,12 @@ def test_missing_extra_is_a_one_line_install_hint():
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "cxrcae[serve]"' in lines[0] and "Traceback" not in res.stderr
+
+
+def test_launcher_reports_a_server_that_does_not_start(tmp_path):
+    from cxrcae.serve.launch import ServerStartError, serve_in_subprocess
+
+    with pytest.raises(ServerStartError, match="did not start") as caught:
+        with serve_in_subprocess("--model", str(tmp_path / "missing"), timeout=120):
+            pytest.fail("a server without a model must not come up")
+    assert "missing" in str(caught.value)  # the server's own one-line error travels with it

@@ -8,14 +8,7 @@ installed. The test skips only when no Chromium can be launched at all.
 from __future__ import annotations
 
 import os
-import queue
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +17,7 @@ import pytest
 from PIL import Image
 
 from cxrcae.bundled import sample_files
+from cxrcae.serve.launch import ServerStartError, serve_in_subprocess
 
 playwright = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -52,46 +46,11 @@ def _launch(p):
 @pytest.fixture(scope="module")
 def server():
     """``cxrcae serve --port 0``: its URL once /health answers; stopped with Ctrl-C (SIGINT) afterwards."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "CXRCAE_PROBE": "off"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxrcae", "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    log, url = [], None
-    deadline = time.monotonic() + START_TIMEOUT
     try:
-        while url is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("cxrcae serve did not start:\n" + "".join(log))
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            log.append(line)
-            found = re.search(r"Open (http://127\.0\.0\.1:\d+)/", line)
-            url = found.group(1) if found else None
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("cxrcae serve never answered /health:\n" + "".join(log))
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with serve_in_subprocess(timeout=START_TIMEOUT, env={"CXRCAE_PROBE": "off"}) as url:
+            yield url
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
 
 
 def _dicom(path: Path, source: Path) -> Path:
