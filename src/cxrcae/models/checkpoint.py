@@ -297,15 +297,7 @@ def _check_header(
         if k in shapes
         and (shapes[k][0] != expected[k][0] or shapes[k][1] not in _STORABLE.get(expected[k][1], ()))
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape/dtype mismatch: {_few(wrong)}")
-    if problems:
-        raise CheckpointError(f"{where}: weights do not fit the model; " + "; ".join(problems))
+    _refuse_misfit(where, missing, unexpected, wrong, "shape/dtype mismatch")
 
 
 def max_weights_bytes(expected: dict[str, tuple[tuple[int, ...], str]]) -> int:
@@ -365,16 +357,21 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
+    _refuse_misfit(where, missing, unexpected, shapes, "shape mismatch")
+    model.load_state_dict(state, strict=True)
+
+
+def _refuse_misfit(where: Any, missing: list, unexpected: list, mismatched: list, label: str) -> None:
+    """One error naming every way a set of tensors does not fit the model (nothing when it fits)."""
     problems = []
     if missing:
         problems.append(f"missing keys: {_few(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_few(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {_few(shapes)}")
+    if mismatched:
+        problems.append(f"{label}: {_few(mismatched)}")
     if problems:
         raise CheckpointError(f"{where}: weights do not fit the model; " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
 
 
 def _few(items: list[str], n: int = 5) -> str:
