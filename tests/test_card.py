@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cxrcae.eval.metrics import full_report
+from cxrcae.metrics import full_report
 from cxrcae.hub.card import build_card, metric_rows
 
 CLASSIFIER = {

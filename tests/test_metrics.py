@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrcae.eval import metrics as M
+from cxrcae import metrics as M
 from cxrcae.eval.calibration import fit_temperature, model_temperature, nll, softmax
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]

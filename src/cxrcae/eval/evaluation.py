@@ -39,7 +39,7 @@ from cxrcae.data.records import Record, check_labels, select_records
 from cxrcae.errors import DataError
 from cxrcae.eval import report
 from cxrcae.eval.calibration import fit_and_store, model_temperature, softmax
-from cxrcae.eval.metrics import expected_calibration_error, full_report
+from cxrcae.metrics import expected_calibration_error, full_report
 from cxrcae.eval.report import fmt_ci, write_html
 from cxrcae.eval.subgroups import (
     FEW_CLASS_N,

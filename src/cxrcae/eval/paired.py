@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrcae.eval.metrics import _interval, _replicate_metrics, resample_weights
+from cxrcae.metrics import _interval, _replicate_metrics, resample_weights
 
 COMPARED = {"accuracy": "accuracy", "macro_f1": "macro:f1", "macro_auc": "macro:auc"}
 """Reported name -> key of the bootstrap replicate metrics."""

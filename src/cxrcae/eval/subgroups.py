@@ -8,7 +8,7 @@ A breakdown is named by a spec, ``--by`` on the command line:
   (``<18``, ``18-64``, ``>=65``);
 - ``source+view``: the crossing of several terms (``radiography-db / PA``).
 
-Each subgroup gets the full metric set of ``cxrcae.eval.metrics.full_report``, with patient-grouped bootstrap
+Each subgroup gets the full metric set of ``cxrcae.metrics.full_report``, with patient-grouped bootstrap
 intervals resampled within the subgroup, so the intervals honestly widen where a subgroup is small. Small
 subgroups (fewer than ``SMALL_GROUP_N`` images, or a class with fewer than ``FEW_CLASS_N`` images) are kept
 and flagged, never hidden: an absent row reads as "fine" while a flagged one reads as "unknown".
@@ -25,7 +25,7 @@ import numpy as np
 
 from cxrcae.data.records import Record, record_columns
 from cxrcae.errors import CxrcaeError, DataError
-from cxrcae.eval.metrics import full_report
+from cxrcae.metrics import full_report
 from cxrcae.eval.report import MARKED_COLUMN, fmt_ci
 
 SMALL_GROUP_N = 30

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxrcae._atomic import atomic_write_text, uninterrupted
 from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError, add_note
-from cxrcae.eval.metrics import classification_metrics
+from cxrcae.metrics import classification_metrics
 from cxrcae.hub.card import build_card
 from cxrcae.locking import hold
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
@@ -139,7 +139,7 @@ def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 class Classification:
     """Cross-entropy on logits, optionally class-weighted (``--balance loss``); validation accuracy,
-    balanced accuracy (macro recall) and macro F1 from ``cxrcae.eval.metrics``."""
+    balanced accuracy (macro recall) and macro F1 from ``cxrcae.metrics``."""
 
     name = "cross_entropy"
 
