@@ -20,8 +20,9 @@ from cxrcae.bench import (
     train_flops,
 )
 from cxrcae.errors import CxrcaeError
-from cxrcae.models import CAEEncoder, CXRClassifier, build_head, build_model
+from cxrcae.models import CAEEncoder, CXRClassifier, build_head
 from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.tasks import build_model
 from cxrcae.train.finetuning import apply_stage
 
 # The paper's CAE at 224 px, from its layer shapes (models/cae.py), in multiply-adds (MACs) per image.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cxrcae.metrics import full_report
 from cxrcae.hub.card import build_card, metric_rows
+from cxrcae.metrics import full_report
 
 CLASSIFIER = {
     "kind": "classifier",

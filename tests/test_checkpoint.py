@@ -9,8 +9,9 @@ import torch
 
 from cxrcae.errors import CheckpointError
 from cxrcae.hub.resolve import encoder_state, load_checkpoint, load_model
-from cxrcae.models import ConvAutoencoder, build_model
+from cxrcae.models import ConvAutoencoder
 from cxrcae.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_checkpoint
+from cxrcae.tasks import build_model
 
 CLF = {
     "kind": "classifier",

@@ -13,8 +13,8 @@ from PIL import Image
 from cxrcae.data import Record, write_records
 from cxrcae.errors import DataError
 from cxrcae.eval.evaluation import evaluate
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
+from cxrcae.tasks import build_model
 
 NAMES = ["COVID", "NORMAL"]
 PNGS = (

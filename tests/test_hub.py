@@ -12,8 +12,9 @@ import torch
 from cxrcae.errors import CheckpointError, DownloadError
 from cxrcae.hub.resolve import download_checkpoint, load_checkpoint, load_encoder
 from cxrcae.hub.transfer import PushError, pull, push_checkpoint
-from cxrcae.models import CAEEncoder, build_model
+from cxrcae.models import CAEEncoder
 from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.tasks import build_model
 from test_hub_server import FakeHub, start_hub
 
 TOKEN = "hf_cxrcaeTestSecret0123456789abcdef"

@@ -26,9 +26,10 @@ from cxrcae.infer.prediction import UNCERTAIN, predict
 from cxrcae.infer.writers import PredictionWriter, read_predictions
 from cxrcae.io import load_for_model, load_xray
 from cxrcae.io.facts import load_with_facts
-from cxrcae.models import ConvAutoencoder, build_model
+from cxrcae.models import ConvAutoencoder
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.models.guard import GUARD_NAME, load_guard
+from cxrcae.tasks import build_model
 from cxrcae.train.guard import calibrate_ood, fit_records, guard_after_finetune
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]

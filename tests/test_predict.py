@@ -13,8 +13,8 @@ from PIL import Image
 from cxrcae.errors import EXIT_SOME_FAILED
 from cxrcae.infer.prediction import UNCERTAIN, collect_inputs, predict
 from cxrcae.infer.writers import PredictionWriter, read_predictions
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.tasks import build_model
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 SIZE = 32

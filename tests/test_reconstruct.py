@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cxrcae.infer.reconstruct import reconstruct, triptych
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.tasks import build_model
 
 SIZE = 32
 

@@ -49,8 +49,8 @@ from cxrcae.hub.resolve import download_checkpoint, load_checkpoint
 from cxrcae.infer.embed import embed
 from cxrcae.infer.writers import RowJournal, partial_path
 from cxrcae.locking import LockedError, hold, holder, lock_file
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_checkpoint
+from cxrcae.tasks import build_model
 from test_hub_server import start_hub
 
 # -------------------------------------------------------------------------------------------------- the table

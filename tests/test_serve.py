@@ -32,13 +32,13 @@ from conftest import FIXTURE_DATA
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import load_model
 from cxrcae.infer.prediction import predict
-from cxrcae.models import build_model
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.models.guard import save_guard
 from cxrcae.serve import ModelRunner, ServerInfo, binding_warnings, create_app, is_loopback
 from cxrcae.serve.server import bind
 from cxrcae.serve.uploads import private_copy, sniff_format
+from cxrcae.tasks import build_model
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 SIZE = 32

@@ -20,8 +20,8 @@ from cxrcae.eval.shortcut import (
     resolve_model,
     sample_records,
 )
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import save_checkpoint
+from cxrcae.tasks import build_model
 
 
 def test_cramers_v():

@@ -12,8 +12,8 @@ import torch
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError
 from cxrcae.hub.resolve import load_encoder
-from cxrcae.models import build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
+from cxrcae.tasks import build_model
 
 
 def _seeded(model, seed):

@@ -229,17 +229,17 @@ def test_new_run_refuses_existing_run_folder(mini_folder, tmp_path):
 
 
 def test_nan_loss_stops_naming_epoch_and_keeps_checkpoint(mini_folder, tmp_path, monkeypatch):
-    from cxrcae.train import engine as loop
+    from cxrcae.tasks.reconstruct import Reconstruction
 
     calls = {"n": 0}
-    original = loop.Reconstruction.__call__
+    original = Reconstruction.__call__
 
     def poisoned(self, model, images, labels):
         loss, out = original(self, model, images, labels)
         calls["n"] += 1
         return (loss * math.nan if calls["n"] > 4 else loss), out  # epoch 1 has 2 train + 1-2 val steps
 
-    monkeypatch.setattr(loop.Reconstruction, "__call__", poisoned)
+    monkeypatch.setattr(Reconstruction, "__call__", poisoned)
     cfg = PretrainConfig(image_size=32, epochs=3, batch_size=4, limit_batches=2, **FAST)
     message = r"loss became nan at epoch 2, training step \d.*best checkpoint \(epoch 1\)"
     with pytest.raises(NonFiniteLossError, match=message):
@@ -258,8 +258,9 @@ def test_huge_learning_rate_stops_with_clean_error(mini_folder, tmp_path):
 def test_bf16_validation_loss_matches_fp32(mini_folder):
     from cxrcae.data import XrayDataset, load_records
     from cxrcae.models import ConvAutoencoder
+    from cxrcae.tasks.reconstruct import Reconstruction
     from cxrcae.train.data import make_loader
-    from cxrcae.train.engine import Reconstruction, Runtime
+    from cxrcae.train.engine import Runtime
     from cxrcae.train.engine import validate as evaluate
 
     torch.manual_seed(0)

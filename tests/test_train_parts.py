@@ -17,9 +17,10 @@ from cxrcae.errors import CxrcaeError
 from cxrcae.infer.batches import iter_batches
 from cxrcae.models import CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 from cxrcae.runtime import reproducible, resolve_device, resolve_precision
+from cxrcae.tasks.reconstruct import Reconstruction
 from cxrcae.train.config import expand_stages
 from cxrcae.train.data import make_loader
-from cxrcae.train.engine import EarlyStopping, Reconstruction, Runtime, train_mode, validate
+from cxrcae.train.engine import EarlyStopping, Runtime, train_mode, validate
 from cxrcae.train.finetuning import apply_stage
 
 
@@ -144,14 +145,19 @@ def test_class_weights_balance_the_loss():
 def test_validation_metrics_of_a_classifier():
     import numpy as np
 
-    from cxrcae.train.engine import Classification, EpochStats
+    from cxrcae.tasks.classify import Classification
+    from cxrcae.train.engine import EpochStats
 
     # confusion (true rows): a: 3 a + 1 b; b: 2 b; c: 2 b + 2 c
     y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
     pred = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
     probs = np.full((10, 3), 0.1)
     probs[np.arange(10), pred] = 0.8
-    m = Classification(["a", "b", "c"]).epoch_metrics(EpochStats(1.0, 10, 1.0, probs=probs, labels=y))
+    objective = Classification(["a", "b", "c"])
+    objective.start_validation()
+    for rows in (slice(0, 4), slice(4, 10)):  # two validation batches, as ``validate`` feeds them
+        objective.observe(torch.log(torch.from_numpy(probs[rows])), torch.from_numpy(y[rows]))
+    m = objective.epoch_metrics(EpochStats(1.0, 10, 1.0))
     assert m["val_accuracy"] == pytest.approx(7 / 10)
     assert m["val_balanced_accuracy"] == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)
     f1 = [2 * 1 * 0.75 / 1.75, 2 * 0.4 * 1 / 1.4, 2 * 1 * 0.5 / 1.5]  # precision a 3/3, b 2/5, c 2/2
@@ -159,7 +165,7 @@ def test_validation_metrics_of_a_classifier():
 
 
 def test_mean_image_baseline_comes_from_the_first_epoch():
-    from cxrcae.train.engine import EpochStats, Reconstruction
+    from cxrcae.train.engine import EpochStats
 
     torch.manual_seed(0)
     train, val = torch.rand(6, 3, 8, 8), torch.rand(3, 3, 8, 8)

@@ -52,10 +52,11 @@ from cxrcae.infer.prediction import iter_predictions
 from cxrcae.infer.quantize import agreement, quantize_onnx
 from cxrcae.io import find_images, load_for_model
 from cxrcae.io.decoded import DecodedCache
-from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head, build_model
+from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision
+from cxrcae.tasks import build_model
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import epoch_seed, make_loader, pretrain_data, training_workers
 from cxrcae.train.engine import Runtime, train_one_epoch

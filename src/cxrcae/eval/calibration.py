@@ -20,9 +20,9 @@ from cxrcae._atomic import atomic_write_text
 from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import check_labels
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
-from cxrcae.metrics import expected_calibration_error
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
+from cxrcae.metrics import expected_calibration_error
 from cxrcae.models.checkpoint import CONFIG_NAME, read_config
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import resolve_device, resolve_precision

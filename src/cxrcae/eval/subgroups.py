@@ -25,8 +25,8 @@ import numpy as np
 
 from cxrcae.data.records import Record, record_columns
 from cxrcae.errors import CxrcaeError, DataError
-from cxrcae.metrics import full_report
 from cxrcae.eval.report import MARKED_COLUMN, fmt_ci
+from cxrcae.metrics import full_report
 
 SMALL_GROUP_N = 30
 """A subgroup with fewer images is flagged: its intervals are wide and its point values unstable."""

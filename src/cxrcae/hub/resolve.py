@@ -13,6 +13,7 @@ that has only pickled weights is refused without downloading them. Hub settings 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from cxrcae.models.checkpoint import (
 )
 from cxrcae.models.encoder import PretrainedEncoder
 from cxrcae.models.guard import GUARD_NAME
+from cxrcae.tasks import Task, build_model, task_name, task_of
 
 try:  # the HTTP client huggingface_hub >= 1.0 uses
     import httpx2 as _httpx
@@ -145,7 +147,7 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
         folder = config_path.parent
         commit = folder.name  # snapshots/<commit>/: pin the other files to the very same commit
         try:
-            fetch(WEIGHTS_NAME, commit, max_weights_bytes(expected_tensors(read_config(folder))))
+            fetch(WEIGHTS_NAME, commit, max_weights_bytes(expected_tensors(read_config(folder), build_model)))
         except EntryNotFoundError:
             raise CheckpointError(
                 f"{where}: no {WEIGHTS_NAME} in the repo{_other_weights_hint(repo_id, commit, token)}; "
@@ -158,7 +160,7 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
         if "ood" in (config := read_config(folder)):  # its OOD guard (cxrcae.models.guard), checked on load
             guard_config = {"kind": "autoencoder", "in_chans": config.get("in_chans", 3)}
             try:
-                fetch(GUARD_NAME, commit, max_weights_bytes(expected_tensors(guard_config)))
+                fetch(GUARD_NAME, commit, max_weights_bytes(expected_tensors(guard_config, build_model)))
             except EntryNotFoundError:
                 pass  # predict then says the guard is missing and runs the other checks
     except (CxrcaeError, KeyboardInterrupt):
@@ -220,8 +222,52 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config)."""
-    return load_folder(resolve_checkpoint(ref), device)
+    """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config).
+
+    The model is its task's (``cxrcae.tasks``), whose own config fields are checked before any tensor is
+    read; a bare encoder checkpoint loads as the encoder."""
+    folder = resolve_checkpoint(ref)
+    config = read_config(folder)
+    if task_name(config) is not None:
+        task_of(config, folder / CONFIG_NAME)
+    return load_folder(folder, device, build_model)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint resolved once (folder or Hub id -> folder -> config, task, network), so the commands
+    and backends that use it never look it up again."""
+
+    ref: str
+    folder: Path
+    config: dict[str, Any]
+    task: Task
+    net: nn.Module
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("class_names") or [])
+
+    def probabilities(self, outputs: torch.Tensor | Any) -> Any:
+        """What users read from the network's raw outputs (``Task.probabilities``)."""
+        return self.task.probabilities(outputs, self.config)
+
+
+def load(ref: str | Path, device: str | torch.device = "cpu", task: str | None = None) -> LoadedModel:
+    """Resolve and load ``ref`` once; with ``task``, refuse a checkpoint of another task in one line."""
+    folder = resolve_checkpoint(ref)
+    net, config = load_checkpoint(folder, device)
+    name = task_name(config)
+    if name is None:
+        raise CheckpointError(f"{ref}: a bare encoder checkpoint has no task; fine-tune it first")
+    if task is not None and name != task:
+        raise CheckpointError(f"{ref}: a {name!r} model, but this needs a {task!r} model")
+    net.cxrcae_config = config  # type: ignore[attr-defined]
+    return LoadedModel(str(ref), folder, config, task_of(config), net)
 
 
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -233,7 +279,7 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module
 
 def encoder_state(ref: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The encoder's tensors (keys without the ``encoder.`` prefix) from any checkpoint kind."""
-    return encoder_state_of_folder(resolve_checkpoint(ref))
+    return encoder_state_of_folder(resolve_checkpoint(ref), build_model)
 
 
 def load_encoder(

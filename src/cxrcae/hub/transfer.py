@@ -33,6 +33,7 @@ from cxrcae.hub.resolve import (
     WEIGHTS_NAME,
     download_checkpoint,
     download_commit,
+    encoder_state,
     first_line,
     hub_endpoint,
     hub_offline,
@@ -42,7 +43,7 @@ from cxrcae.hub.resolve import (
     resolve_checkpoint,
 )
 from cxrcae.models.cae import CAEEncoder
-from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict, save_checkpoint
+from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.models.guard import GUARD_NAME, guard_block, load_guard
 from cxrcae.progress import ProgressFn, no_progress
 
@@ -185,7 +186,7 @@ def prepare_upload(
     src = resolve_checkpoint(model_dir)
     _, config = load_checkpoint(src)
     if encoder_only:
-        state, _ = encoder_state_of_folder(src)
+        state, _ = encoder_state(src)
         encoder = CAEEncoder(int(config.get("in_chans", 3)))
         load_state_strict(encoder, state, f"{src} (encoder)")
         config = json.loads(

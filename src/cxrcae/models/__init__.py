@@ -2,7 +2,7 @@
 
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.classifier import CXRClassifier
-from cxrcae.models.factory import ARCHITECTURE, build_model, count_parameters
+from cxrcae.models.factory import ARCHITECTURE, count_parameters
 from cxrcae.models.heads import HEADS, build_head
 
 __all__ = [
@@ -13,6 +13,5 @@ __all__ = [
     "ConvAutoencoder",
     "HEADS",
     "build_head",
-    "build_model",
     "count_parameters",
 ]

@@ -26,6 +26,7 @@ import platform
 import re
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,7 @@ from cxrcae import __version__
 from cxrcae._atomic import atomic_write_many
 from cxrcae.errors import CheckpointError
 from cxrcae.io.resize import RESIZE_MODES
-from cxrcae.models.factory import ARCHITECTURE, KINDS, build_model
-from cxrcae.models.heads import HEADS
+from cxrcae.models.factory import ARCHITECTURE, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -56,7 +56,9 @@ CONFIG_MAX_BYTES = 16 * 2**20
 HEADER_MAX_BYTES = 100 * 2**20
 """The safetensors format's own limit on its JSON header."""
 MAX_IMAGE_SIZE = 4096
-MAX_CLASSES = 1000
+KIND_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+"""A model family's name (``classifier``, ``autoencoder``, ``encoder``, a task's own); which families exist
+is the task registry's business (``cxrcae.tasks``), not this module's."""
 _SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
@@ -217,27 +219,25 @@ def _numbers_field(cfg: dict, key: str, where: Path, lengths: range, positive: b
 
 
 def validate_config(cfg: dict[str, Any], where: str | Path = CONFIG_NAME) -> None:
-    """Refuse, in one line naming the field, a config.json whose fields cxrcae uses are missing (where
-    required), of the wrong type or out of range. Fields cxrcae does not know are left alone: they are
-    never interpreted, and refusing them would refuse checkpoints from newer versions for no reason."""
+    """Refuse, in one line naming the field, a config.json whose common fields are missing (where
+    required), of the wrong type or out of range (a task checks its own: ``Task.validate_config``).
+    Fields cxrcae does not know are left alone: they are never interpreted, and refusing them would refuse
+    checkpoints from newer versions for no reason."""
     where = Path(where)
-    _text_field(cfg, "kind", where, KINDS, required=True)
+    kind = cfg.get("kind")
+    if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
+        raise _fail(where, "kind", "must be a model family name such as 'classifier'", kind)
+    task = cfg.get("task")
+    if task is not None and not (isinstance(task, str) and KIND_PATTERN.fullmatch(task)):
+        raise _fail(where, "task", "must be a task name such as 'classify'", task)
     if cfg.get("architecture", ARCHITECTURE) != ARCHITECTURE:
         raise _fail(where, "architecture", f"must be {ARCHITECTURE!r}", cfg.get("architecture"))
     _int_field(cfg, "format_version", where, 1, FORMAT_VERSION)
     _int_field(cfg, "in_chans", where, 1, 4)
-    classifier = cfg["kind"] == "classifier"
-    _int_field(cfg, "image_size", where, 32, MAX_IMAGE_SIZE, required=classifier)
+    _int_field(cfg, "image_size", where, 32, MAX_IMAGE_SIZE)
     if cfg.get("image_size", 32) % 32:
         raise _fail(where, "image_size", "must be a multiple of 32", cfg["image_size"])
     _text_field(cfg, "resize_mode", where, RESIZE_MODES)
-    if classifier:
-        _text_field(cfg, "head", where, tuple(HEADS))
-        names = cfg.get("class_names")
-        ok = isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES
-        ok = ok and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names)
-        if not ok or len(set(names)) != len(names):
-            raise _fail(where, "class_names", f"must list 2 to {MAX_CLASSES} distinct names", names)
     _numbers_field(cfg, "mean", where, range(1, 5))
     _numbers_field(cfg, "std", where, range(1, 5), positive=True)
     _numbers_field(cfg, "intensity_range", where, range(2, 3))
@@ -248,11 +248,18 @@ def validate_config(cfg: dict[str, Any], where: str | Path = CONFIG_NAME) -> Non
         raise _fail(where, "temperature", "must be a positive number", cfg["temperature"])
 
 
-def expected_tensors(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+Builder = Callable[[dict[str, Any]], nn.Module]
+"""Rebuilds a model from its config.json: ``cxrcae.tasks.build_model`` for any task; this module's default
+knows only the bare encoder (``models.factory``)."""
+
+
+def expected_tensors(
+    config: dict[str, Any], build: Builder = build_model
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, safetensors dtype) of every tensor the model of ``config`` holds (built on the
     meta device: no memory is allocated, whatever size the config asks for)."""
     with torch.device("meta"):
-        model = build_model(config)
+        model = build(config)
     state = model.state_dict()
     return {k: (tuple(v.shape), _TORCH_DTYPES.get(v.dtype, str(v.dtype))) for k, v in state.items()}
 
@@ -379,21 +386,25 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_folder(
+    folder: str | Path, device: str | torch.device = "cpu", build: Builder = build_model
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a local checkpoint folder from config.json, weights loaded strictly."""
     folder = Path(folder)
     config = read_config(folder)
-    state = read_weights(folder, config, expected_tensors(config))  # refused before anything is built
-    model = build_model(config)
+    state = read_weights(folder, config, expected_tensors(config, build))  # refused before anything is built
+    model = build(config)
     load_state_strict(model, state, str(folder))
     return model.to(device).eval(), config
 
 
-def encoder_state_of_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def encoder_state_of_folder(
+    folder: str | Path, build: Builder = build_model
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The encoder's tensors (keys without the ``encoder.`` prefix) from a local folder of any kind."""
     folder = Path(folder)
     config = read_config(folder)
-    state = read_weights(folder, config, expected_tensors(config))
+    state = read_weights(folder, config, expected_tensors(config, build))
     if config["kind"] == "encoder":
         return state, config
     enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}

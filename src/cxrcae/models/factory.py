@@ -1,4 +1,8 @@
-"""Rebuild any cxrcae model from its config.json alone (nanoGPT style: the checkpoint carries its args)."""
+"""Rebuild the bare encoder from its config.json (nanoGPT style: the checkpoint carries its args).
+
+Every other model family belongs to a task, which builds it (``cxrcae.tasks``: ``build_model`` there
+rebuilds any checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,21 @@ from typing import Any
 from torch import nn
 
 from cxrcae.errors import CheckpointError
-from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
-from cxrcae.models.classifier import CXRClassifier
-from cxrcae.models.heads import build_head
+from cxrcae.models.cae import CAEEncoder
 
 ARCHITECTURE = "cxrcae_vgg_cae"
-KINDS = ("autoencoder", "classifier", "encoder")
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
+    """The bare encoder of an ``encoder`` checkpoint; any other kind is its task's to build."""
     kind = config.get("kind")
     if config.get("architecture", ARCHITECTURE) != ARCHITECTURE:
         raise CheckpointError(
             f"unknown architecture {config.get('architecture')!r} (expected {ARCHITECTURE})"
         )
-    in_chans = int(config.get("in_chans", 3))
     if kind == "encoder":
-        return CAEEncoder(in_chans)
-    if kind == "autoencoder":
-        return ConvAutoencoder(CAEEncoder(in_chans), CAEDecoder(in_chans))
-    if kind == "classifier":
-        names = config.get("class_names") or []
-        if len(names) < 2:
-            raise CheckpointError("classifier config.json needs at least two class_names")
-        head = build_head(config.get("head", "lstm"), len(names), int(config["image_size"]))
-        return CXRClassifier(CAEEncoder(in_chans), head)
-    raise CheckpointError(f"config.json has kind={kind!r}; expected one of {', '.join(KINDS)}")
+        return CAEEncoder(int(config.get("in_chans", 3)))
+    raise CheckpointError(f"config.json has kind={kind!r}: build it with cxrcae.tasks.build_model")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

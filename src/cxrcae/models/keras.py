@@ -36,8 +36,8 @@ from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.io.resize import RESIZE_MODES
 from cxrcae.models.cae import DECODER_CHANNELS, ENCODER_CHANNELS, REDUCTION
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
-from cxrcae.models.factory import build_model
 from cxrcae.models.heads import HEADS, build_head
+from cxrcae.tasks import build_model
 
 N_ENCODER = len(ENCODER_CHANNELS)
 N_DECODER = len(DECODER_CHANNELS) + 1

@@ -16,6 +16,7 @@ from typing import Any
 
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import HEADS
+from cxrcae.train.optim import OPTIMIZERS
 
 ENCODER_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
 GRADUAL = ("conv6", "conv5", "conv4", "conv3", "conv2", "all")
@@ -67,6 +68,9 @@ class TrainConfig:
     """Decode each image once into ``$CXRCAE_HOME/decoded`` (resized, uint16); later epochs read it back."""
     patience: int = 20
     min_delta: float = 1e-4
+    optimizer: str = "adam"
+    """Each stage's optimiser (``cxrcae.train.optim.OPTIMIZERS``): the paper's Adam by default."""
+    weight_decay: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -90,6 +94,10 @@ class TrainConfig:
             raise CxrcaeError(f"--patience must be at least 1, got {self.patience}")
         if self.limit_batches is not None and self.limit_batches < 1:
             raise CxrcaeError(f"--limit-batches must be at least 1, got {self.limit_batches}")
+        if self.optimizer not in OPTIMIZERS:
+            raise CxrcaeError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.weight_decay < 0:
+            raise CxrcaeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.resize_mode not in ("stretch", "pad"):
             raise CxrcaeError(f"--resize-mode must be stretch or pad, got {self.resize_mode!r}")
 

@@ -1,20 +1,21 @@
 """The training engine shared by pretraining and fine-tuning, in reading order (nanoGPT style).
 
-1. What a run is made of: where tensors live (``Runtime``), the objective (``Reconstruction`` or
-   ``Classification``), the stages (``StagePlan``), early stopping, and what a run returns (``TrainResult``).
+1. What a run is made of: where tensors live (``Runtime``), the objective (its task's: ``cxrcae.tasks``, so
+   the engine never asks which task it trains), the optimiser (``cxrcae.train.optim``, named in the config),
+   the stages (``StagePlan``), early stopping, and what a run returns (``TrainResult``).
 2. One epoch: ``train_one_epoch`` (frozen modules stay in eval mode) and ``validate`` (no gradients).
-3. The loop: ``fit`` runs the stages. Each stage builds a fresh Adam over the parameters it trains and runs up
-   to its epoch budget with early stopping on validation loss; the next stage starts from the best weights so
-   far (Keras ``restore_best_weights`` semantics). After every epoch OUT/history.csv and the resume state
-   OUT/last/ are rewritten (``cxrcae.train.state``; a first one before epoch 1); OUT/best/ whenever the
-   validation loss improves. These writes finish before a Ctrl-C takes effect, and an interrupted run says
-   how to resume it; a SIGKILL at any moment costs at most the epoch in progress (``--resume``). A run
-   holds its folder's lock (``run_lock``) from start to end, so a second command cannot write into it.
-   A stage that trains no encoder parameter, without augmentation, runs the encoder once and trains the
-   head on its cached features (``cxrcae.train.features``): the same batches and results, far faster.
-   Under ``torchrun`` this process is one of several (``cxrcae.train.distributed``): the training step runs
-   through DDP on this process's share of every epoch's batches, every process validates and takes rank 0's
-   validation loss, and only rank 0 writes files and reports progress.
+3. The loop: ``fit`` runs the stages. Each stage builds a fresh optimiser over the parameters it trains and
+   runs up to its epoch budget with early stopping on validation loss; the next stage starts from the best
+   weights so far (Keras ``restore_best_weights`` semantics). After every epoch OUT/history.csv and the resume
+   state OUT/last/ are rewritten (``cxrcae.train.state``; a first one before epoch 1); OUT/best/ whenever the
+   validation loss improves. These writes finish before a Ctrl-C takes effect, and an interrupted run says how
+   to resume it; a SIGKILL at any moment costs at most the epoch in progress (``--resume``). A run holds its
+   folder's lock (``run_lock``) from start to end, so a second command cannot write into it. A stage that
+   trains no encoder parameter, without augmentation, runs the encoder once and trains the head on its cached
+   features (``cxrcae.train.features``): the same batches and results, far faster. Under ``torchrun`` this
+   process is one of several (``cxrcae.train.distributed``): the training step runs through DDP on this
+   process's share of every epoch's batches, every process validates and takes rank 0's validation loss, and
+   only rank 0 writes files and reports progress.
 
 Losses are computed in fp32 even under bf16/fp16 autocast; a non-finite loss stops the run at once naming
 the epoch and step, and keeps the last good checkpoint.
@@ -32,25 +33,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cxrcae._atomic import atomic_write_text, uninterrupted
 from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError, add_note
-from cxrcae.metrics import classification_metrics
 from cxrcae.hub.card import build_card
 from cxrcae.locking import hold
 from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, precision_name
+from cxrcae.tasks import Objective
 from cxrcae.train import distributed
 from cxrcae.train.config import TrainConfig
 from cxrcae.train.data import epoch_seed, make_loader
 from cxrcae.train.features import HeadOnly, encode, use_cached_features
+from cxrcae.train.optim import make_optimizer
 from cxrcae.train.state import LAST, optimizer_from_flat, restore_rng, save_resume_state, saved_epoch
 
 BEST = "best"
@@ -79,92 +79,6 @@ class Runtime:
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["image"].to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-class Reconstruction:
-    """Autoencoder objective: mean squared error between reconstruction and input.
-
-    During the first epoch it also keeps per-pixel sums of the images it scores, which gives the mean-image
-    baseline (the validation MSE of always answering the mean training image, the bar a useful autoencoder
-    must clear) without decoding the data a second time.
-    """
-
-    name = "mse"
-
-    def __init__(self) -> None:
-        self._train_sum: torch.Tensor | None = None
-        self._val_sum: torch.Tensor | None = None
-        self._val_sumsq: torch.Tensor | None = None
-        self._n = {"train": 0, "val": 0}
-        self.baseline: dict[str, Any] | None = None
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-        out = model(images)
-        if self.baseline is None:
-            self._observe(images, "train" if model.training else "val")
-        return F.mse_loss(out.float(), images.float()), out
-
-    def _observe(self, images: torch.Tensor, split: str) -> None:
-        x = images.detach().double().cpu()
-        self._n[split] += len(x)
-        if split == "train":
-            self._train_sum = _add(self._train_sum, x.sum(0))
-        else:
-            self._val_sum, self._val_sumsq = (
-                _add(self._val_sum, x.sum(0)),
-                _add(self._val_sumsq, (x * x).sum(0)),
-            )
-
-    def epoch_metrics(self, stats: EpochStats) -> dict[str, Any]:
-        n_train, n_val = self._n["train"], self._n["val"]
-        if self.baseline is None and n_train and n_val:
-            mean = self._train_sum / n_train
-            # sum over validation images of (x - mean)^2, from their per-pixel sums
-            sq = self._val_sumsq - 2 * mean * self._val_sum + n_val * mean * mean
-            mse = (sq / n_val).clamp_min(0).mean().item()
-            self.baseline = {"val_mse_mean_image": mse, "train_images": n_train, "val_images": n_val}
-            self._train_sum = self._val_sum = self._val_sumsq = None
-        return {}
-
-    def state(self) -> dict[str, Any]:
-        return {"baseline": self.baseline}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.baseline = state.get("baseline")
-
-
-def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value if total is None else total + value
-
-
-class Classification:
-    """Cross-entropy on logits, optionally class-weighted (``--balance loss``); validation accuracy,
-    balanced accuracy (macro recall) and macro F1 from ``cxrcae.metrics``."""
-
-    name = "cross_entropy"
-
-    def __init__(self, class_names: list[str], weight: torch.Tensor | None = None):
-        self.class_names = list(class_names)
-        self.weight = weight
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-        logits = model(images)
-        weight = self.weight.to(logits.device) if self.weight is not None else None
-        return F.cross_entropy(logits.float(), labels, weight=weight), logits
-
-    def epoch_metrics(self, stats: EpochStats) -> dict[str, Any]:
-        m = classification_metrics(stats.labels, stats.probs, self.class_names)
-        return {
-            "val_accuracy": m["accuracy"],
-            "val_balanced_accuracy": m["macro"]["recall"],
-            "val_macro_f1": m["macro"]["f1"],
-        }
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -215,9 +129,10 @@ class EarlyStopping:
 class Run:
     """Everything ``fit`` needs; built by ``pretrain`` / ``finetune``."""
 
-    kind: str  # "pretrain" | "finetune"
+    command: str
+    """The command that resumes this run (``cxrcae COMMAND --resume OUT``): "pretrain" | "finetune"."""
     model: nn.Module
-    objective: Reconstruction | Classification
+    objective: Objective
     rt: Runtime
     cfg: TrainConfig
     out_dir: Path
@@ -241,7 +156,7 @@ class Run:
 class TrainResult:
     """Summary of a finished run (what ``--json`` prints); the files it lists are in the run folder."""
 
-    task: str  # "pretrain" | "finetune"
+    task: str  # the command that trained it: "pretrain" | "finetune"
     out_dir: str
     best_dir: str
     device: str
@@ -295,9 +210,6 @@ class EpochStats:
     images: int
     seconds: float
     skipped: list[str] = field(default_factory=list)
-    probs: np.ndarray | None = None
-    """Validation only: softmax outputs of a classifier, with ``labels``."""
-    labels: np.ndarray | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -386,11 +298,11 @@ def validate(
     offset: int = 0,
     total: int | None = None,
 ) -> EpochStats:
-    """Mean loss in eval mode (and a classifier's probabilities); restores the previous mode."""
+    """Mean loss in eval mode; every batch's outputs go to ``objective.observe`` for its metrics.
+    Restores the previous mode."""
     was_training = model.training
     model.eval()
-    classify = isinstance(objective, Classification)
-    probs, labels = [], []
+    objective.start_validation()
     loss_sum, seen, skipped = 0.0, 0, []
     start = time.perf_counter()
     try:
@@ -400,18 +312,13 @@ def validate(
         for step, n, _, value, out, y in batches:
             loss_sum += value * n
             seen += n
-            if classify:
-                probs.append(torch.softmax(out.float(), dim=1).cpu().numpy())
-                labels.append(y.cpu().numpy())
+            objective.observe(out, y)
             progress(task, offset + step, total, f"val loss {loss_sum / seen:.4g}")
     finally:
         model.train(was_training)
     if seen == 0:
         raise CxrcaeError(f"{where}: no validation image could be read")
-    stats = EpochStats(loss_sum / seen, seen, time.perf_counter() - start, skipped)
-    if classify:
-        stats.probs, stats.labels = np.concatenate(probs), np.concatenate(labels)
-    return stats
+    return EpochStats(loss_sum / seen, seen, time.perf_counter() - start, skipped)
 
 
 # ----------------------------------------------------------------------------------------------- 3. the loop
@@ -461,7 +368,7 @@ def _resume_note(run: Run) -> str:
     if epoch is None:
         return "nothing was saved yet: run the same command again"
     done = f"saved after epoch {epoch}" if epoch else "saved before its first epoch"
-    return f"the run is {done}: continue it with `cxrcae {run.kind} --resume {run.out_dir}`"
+    return f"the run is {done}: continue it with `cxrcae {run.command} --resume {run.out_dir}`"
 
 
 def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcome:
@@ -518,7 +425,7 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
             stage_epoch = 0
             stage_log.append({"name": plan.name, "lr": plan.lr, "epochs": 0, "best_epoch": None})
         params = run.set_stage(model, plan.name) if run.set_stage else list(model.parameters())
-        optimizer = torch.optim.Adam(params, lr=plan.lr)
+        optimizer = make_optimizer(cfg, params, plan.lr)
         if resume_optimizer is not None:
             optimizer.load_state_dict(resume_optimizer)
             resume_optimizer = None
@@ -534,11 +441,11 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
         while stage_epoch < plan.epochs and not stopper.stopped:
             epoch += 1
             stage_epoch += 1
-            finetune = run.kind == "finetune"
+            staged = len(run.stages) > 1
             task = f"epoch {epoch}" + (
-                f" ({plan.name} {stage_epoch}/{plan.epochs})" if finetune else f"/{plan.epochs}"
+                f" ({plan.name} {stage_epoch}/{plan.epochs})" if staged else f"/{plan.epochs}"
             )
-            where = f"epoch {epoch}" + (f" (stage {plan.name})" if finetune else "")
+            where = f"epoch {epoch}" + (f" (stage {plan.name})" if staged else "")
             stage_train.generator.manual_seed(epoch_seed(cfg.seed, epoch))
             run.progress(task, 0, n_train + n_val)
             epoch_start = time.perf_counter()
@@ -570,7 +477,7 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
                 "best": int(improved),
             }
             history.append(row)
-            run.progress(task, n_train + n_val, n_train + n_val, _epoch_info(row))
+            run.progress(task, n_train + n_val, n_train + n_val, _epoch_info(row, run.objective))
             stage_log[-1].update(epochs=stage_epoch, stopped_early=stopper.stopped)
             if improved:
                 best_state = _clone_state(model)
@@ -677,7 +584,7 @@ def train_result(
     out = run.out_dir
     files = {"best": str(out / BEST), "last": str(out / LAST), "history": str(out / HISTORY_NAME)}
     return TrainResult(
-        task=run.kind,
+        task=run.command,
         out_dir=str(out),
         best_dir=str(out / BEST),
         device=str(run.rt.device),
@@ -720,10 +627,11 @@ def _save_best(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
     save_checkpoint(model, out / BEST, config, card=build_card(config))
 
 
-def _epoch_info(row: dict[str, Any]) -> str:
+def _epoch_info(row: dict[str, Any], objective: Objective) -> str:
     parts = [f"train {row['train_loss']:.4g}", f"val {row['val_loss']:.4g}"]
-    if "val_accuracy" in row:
-        parts.append(f"acc {row['val_accuracy']:.3f}")
+    shown = next((m for m in objective.monitor_metrics if m in row), None)
+    if shown is not None:  # the task's headline metric, e.g. val_accuracy -> "accuracy 0.912"
+        parts.append(f"{shown.removeprefix('val_')} {row[shown]:.3f}")
     parts.append(f"{row['images_per_s']:.1f} img/s")
     return " · ".join(parts) + (" *" if row["best"] else "")
 

@@ -43,6 +43,7 @@ from cxrcae.runtime import (
     resolve_device,
     resolve_precision,
 )
+from cxrcae.tasks import get_task
 from cxrcae.train import distributed
 from cxrcae.train.config import ENCODER_BLOCKS, FinetuneConfig, expand_stages
 from cxrcae.train.data import (
@@ -54,7 +55,6 @@ from cxrcae.train.data import (
 )
 from cxrcae.train.engine import (
     BEST,
-    Classification,
     Resume,
     Run,
     Runtime,
@@ -159,6 +159,8 @@ def run_finetune(
     elif cfg.balance == "source":
         sample_weights = source_balanced_weights(labels, [r.source for r in tdata.train])
 
+    task = get_task("classify")
+    objective = task.objective({"class_names": names}, weight=weight)
     data_summary = tdata.summary(names)
     used = {
         "device": str(device),
@@ -174,7 +176,8 @@ def run_finetune(
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         best = summary.get("best_metrics", {})
         return {
-            "kind": "classifier",
+            "task": task.name,
+            "kind": task.kind,
             "head": cfg.head,
             "image_size": cfg.image_size,
             "in_chans": 3,
@@ -182,8 +185,7 @@ def run_finetune(
             "resize_mode": cfg.resize_mode,
             "training": {
                 "task": KIND,
-                "objective": "cross_entropy" + ("_class_weighted" if weight is not None else ""),
-                "optimizer": "Adam",
+                "objective": objective.name + ("_class_weighted" if weight is not None else ""),
                 **cfg.to_dict(),
                 "stages": list(expand_stages(cfg.stages)),
                 "class_weights": weight.tolist() if weight is not None else None,
@@ -196,9 +198,9 @@ def run_finetune(
         }
 
     run = Run(
-        kind=KIND,
+        command=KIND,
         model=model,
-        objective=Classification(names, weight),
+        objective=objective,
         rt=rt,
         cfg=cfg,
         out_dir=out,

@@ -38,10 +38,10 @@ from cxrcae import bundled
 from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import Record
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
-from cxrcae.hub.resolve import in_hub_cache, load_checkpoint, resolve_checkpoint
+from cxrcae.hub.resolve import encoder_state, in_hub_cache, load_checkpoint, resolve_checkpoint
 from cxrcae.infer.batches import iter_batches
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
-from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict, read_config
+from cxrcae.models.checkpoint import load_state_strict, read_config
 from cxrcae.models.guard import load_guard, reconstruction_scores, save_guard
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import reproducible, resolve_device
@@ -300,7 +300,7 @@ def guard_autoencoder(
             found = _autoencoder_from(shipped)
             if found is not None:
                 return found
-    state, _ = encoder_state_of_folder(folder)
+    state, _ = encoder_state(folder)
     cae = ConvAutoencoder(
         CAEEncoder(int(config.get("in_chans", 3))), CAEDecoder(int(config.get("in_chans", 3)))
     )
@@ -332,7 +332,7 @@ def _autoencoder_from(
         source = {**_provenance(str(ref), config), "kind": "ood guard of a classifier"}
         source["weights_sha256"] = guard.block.get("weights_sha256")
         return guard.cae, True, source
-    state, config = encoder_state_of_folder(folder)
+    state, config = encoder_state(folder)
     in_chans = int(config.get("in_chans", 3))
     cae = ConvAutoencoder(CAEEncoder(in_chans), CAEDecoder(in_chans))
     load_state_strict(cae.encoder, state, f"{ref} (encoder)")

@@ -31,11 +31,11 @@ from cxrcae.runtime import (
     resolve_device,
     resolve_precision,
 )
+from cxrcae.tasks import get_task
 from cxrcae.train import distributed
 from cxrcae.train.config import PretrainConfig
 from cxrcae.train.data import TrainData, augmentation, pretrain_data
 from cxrcae.train.engine import (
-    Reconstruction,
     Resume,
     Run,
     Runtime,
@@ -84,7 +84,8 @@ def run_pretrain(
     transform = augmentation() if cfg.augment else None
     train_set = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, [], transform, decoded)
     val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, [], decoded=decoded)
-    objective = Reconstruction()  # also measures the mean-image baseline during the first validation
+    task = get_task("reconstruct")
+    objective = task.objective({})  # also measures the mean-image baseline during the first validation
     data_summary = tdata.summary()
     used = {
         "device": str(device),
@@ -95,7 +96,8 @@ def run_pretrain(
 
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         return {
-            "kind": "autoencoder",
+            "task": task.name,
+            "kind": task.kind,
             "head": None,
             "image_size": cfg.image_size,
             "in_chans": 3,
@@ -103,8 +105,7 @@ def run_pretrain(
             "resize_mode": cfg.resize_mode,
             "training": {
                 "task": KIND,
-                "objective": "mse",
-                "optimizer": "Adam",
+                "objective": objective.name,
                 **cfg.to_dict(),
                 "used": used,
                 **summary,
@@ -116,7 +117,7 @@ def run_pretrain(
         }
 
     run = Run(
-        kind=KIND,
+        command=KIND,
         model=model,
         objective=objective,
         rt=rt,
