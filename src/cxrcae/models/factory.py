@@ -16,6 +16,7 @@ KINDS = ("autoencoder", "classifier", "encoder")
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
+    """The untrained network a checkpoint's config.json describes (encoder, autoencoder or classifier)."""
     kind = config.get("kind")
     if config.get("architecture", ARCHITECTURE) != ARCHITECTURE:
         raise CheckpointError(
@@ -36,4 +37,5 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (only those with ``requires_grad`` when ``trainable_only``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
