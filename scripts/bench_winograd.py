@@ -2,7 +2,7 @@
 
 One of the levers issue 11 asked to weigh (2.25x fewer multiplications for the stride-1 3x3 convolutions).
 Forward pass only, batch 16, the encoder's layer shapes at 224 px, fp32. Run it with
-``python scripts/bench_winograd.py``; README "Speed" has the figures and why the lever was dropped.
+``python scripts/bench_winograd.py``; docs/speed.md has the figures and why the lever was dropped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's screenshot of ``cxrcae serve``: the page after an X-ray was dropped, heat map over it.
+"""The docs' screenshot of ``cxrcae serve`` (docs/assets/serve-page.png): the page after an X-ray was dropped.
 
     python scripts/serve_screenshot.py IMAGE OUT.png [--opacity 60] [--model M] [--chromium /usr/bin/chromium]
 

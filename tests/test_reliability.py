@@ -1,4 +1,4 @@
-"""Reliability guarantees (README "Guarantees"), one table of cases, each with the outcome it must have.
+"""Reliability guarantees (docs/guarantees.md), one table of cases, each with the outcome it must have.
 
 1. Training loses at most the epoch in progress: SIGKILL at any moment (mid-epoch, inside an fsync, between
    the renames of last/) or a full disk, then ``--resume``, ends bit-identical to an uninterrupted run;

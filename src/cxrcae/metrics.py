@@ -169,6 +169,7 @@ def _ece_weighted(weights: np.ndarray, y: np.ndarray, p: np.ndarray, n_bins: int
 
 
 def negative_log_likelihood(y_true: Sequence[int], probs: np.ndarray) -> float:
+    """Mean negative log probability of the true class (probabilities clipped at 1e-12); NaN when empty."""
     y, p = _check(np.asarray(y_true), probs)
     return float(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, 1.0)).mean()) if y.size else float("nan")
 

@@ -74,7 +74,9 @@ def run_pipeline(
     cfg: PipelineConfig | None = None,
     progress: ProgressFn = no_progress,
 ) -> PipelineResult:
-
+    """Split ``data``, audit it, pretrain the CAE, fine-tune from it and evaluate on the test split, all in
+    ``out_dir`` (which must not hold a run yet); ``OUT/summary.json`` gets the headline figures.
+    """
     cfg = cfg or PipelineConfig()
     out = Path(out_dir).expanduser()
     if (out / SUMMARY_NAME).exists() or (out / "cae").exists():

@@ -97,7 +97,7 @@ IN_MODEL_TEST = "in_model_test_split"
 
 
 def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
-
+    """Columns and rows of the per-class, macro and weighted table, each value with its interval."""
     ci = metrics.get("ci") or {}
     columns = ["class", "n", "precision", "recall (sens.)", "specificity", "F1", "ROC AUC"]
     rows = []
@@ -117,6 +117,7 @@ def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def subgroup_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One (title, columns, rows) table per ``--by`` breakdown in ``metrics``."""
     names = metrics["class_names"]
     tables = []
     for spec, breakdown in (metrics.get("subgroups") or {}).items():

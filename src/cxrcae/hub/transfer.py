@@ -66,6 +66,8 @@ class PushError(CxrcaeError):
 
 @dataclass
 class PushResult:
+    """What ``push_checkpoint`` committed: the repo, branch, commit and the files it uploaded."""
+
     repo_id: str
     revision: str
     commit_oid: str
@@ -76,6 +78,8 @@ class PushResult:
 
 @dataclass
 class PullResult:
+    """What ``pull`` fetched: the repo, revision and commit, the local folder, its files and config.json."""
+
     repo_id: str
     revision: str | None
     commit: str | None

@@ -43,6 +43,8 @@ INDEX_COLUMNS = ("index", "path", "status", "reason", "row")
 
 @dataclass
 class EmbedResult:
+    """Where ``embed`` wrote the features and their index, how many files it read, and which failed."""
+
     output: Path
     index_csv: Path
     n_inputs: int
@@ -89,6 +91,7 @@ def output_format(path: str | Path) -> str:
 
 
 def index_path(output: str | Path) -> Path:
+    """The index CSV beside a features file: ``feats.npy`` -> ``feats.index.csv``."""
     output = Path(output)
     return output.with_name(f"{output.stem}.index.csv")
 

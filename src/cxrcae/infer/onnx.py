@@ -72,6 +72,7 @@ INSTALL_HINT = 'pip install "cxrcae[onnx]"'
 
 
 def require_onnxruntime() -> None:
+    """Raise a one-line error naming the extra to install when onnxruntime is missing."""
     if not HAVE_ONNXRUNTIME:
         raise CxrcaeError(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}")
 

@@ -34,6 +34,8 @@ COLUMNS = ("path", "status", "mse", "mae", "psnr", "image", "reason")
 
 @dataclass
 class Reconstruction:
+    """One file's row: its reconstruction errors (MSE, MAE, PSNR) and view image, or why it failed."""
+
     path: str
     status: str = "ok"
     mse: float | None = None
@@ -45,6 +47,8 @@ class Reconstruction:
 
 @dataclass
 class ReconstructionResult:
+    """Every row of a ``reconstruct`` run, the CSV holding them and the overview image."""
+
     rows: list[Reconstruction]
     out_dir: Path
     csv: Path

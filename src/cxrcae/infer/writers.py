@@ -32,6 +32,7 @@ TAIL_COLUMNS = ("top_k", "reason", "explanation", "out_of_distribution", "ood_sc
 
 
 def output_format(path: str | Path) -> str:
+    """The format of ``path`` from its suffix (``.csv``, ``.json``, ``.jsonl``); a one-line error else."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise CxrcaeError(f"{path}: output must end in {', '.join(FORMATS)} (got {suffix or 'no extension'})")
@@ -39,6 +40,7 @@ def output_format(path: str | Path) -> str:
 
 
 def prob_column(name: str) -> str:
+    """The column holding the probability of class ``name`` in prediction files."""
     return f"prob_{name}"
 
 

@@ -29,4 +29,5 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (only those with ``requires_grad`` when ``trainable_only``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -46,7 +46,8 @@ TrainWorkersOpt = Annotated[
     typer.Option(
         "--num-workers",
         min=0,
-        help="DataLoader worker processes [default: CPUs-2, max 4: the training step keeps two cores].",
+        help="DataLoader worker processes (the training step keeps two cores).",
+        show_default="CPUs-2, max 4",
         rich_help_panel=RUNTIME,
     ),
 ]

@@ -49,7 +49,7 @@ def audit_command(
         typer.Option("--strict", help="Exit 3 on any duplicate or dominated class as well."),
     ] = False,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Threads for hashing [default: CPUs, max 8].")
+        int | None, typer.Option("--workers", min=1, help="Threads for hashing.", show_default="CPUs, max 8")
     ] = None,
     model: Annotated[
         str | None,

@@ -26,7 +26,9 @@ from cxrcae.cli.common import (
 
 @app.command("evaluate")
 def evaluate_command(
-    model: Annotated[str, typer.Argument(help="Classifier checkpoint folder or Hub id user/repo[@rev].")],
+    model: Annotated[
+        str, typer.Argument(help="Classifier checkpoint folder or Hub id user/repo@rev (rev optional).")
+    ],
     data: Annotated[
         Path,
         typer.Argument(

@@ -19,7 +19,7 @@ def export_command(
     model: Annotated[
         str | None,
         typer.Argument(
-            help="Classifier checkpoint folder or Hub id user/repo[@rev].",
+            help="Classifier checkpoint folder or Hub id user/repo@rev (rev optional).",
             show_default="bundled default model",
         ),
     ] = None,

@@ -39,7 +39,7 @@ def predict_command(
         typer.Option(
             "--model",
             "-m",
-            help="Classifier checkpoint folder or Hub id user/repo[@rev].",
+            help="Classifier checkpoint folder or Hub id user/repo@rev (rev optional).",
             show_default="bundled default model",
         ),
     ] = None,

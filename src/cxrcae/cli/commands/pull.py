@@ -12,7 +12,9 @@ from cxrcae.cli.common import JsonOpt, QuietOpt, console, make_table, print_json
 
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", help="Hugging Face token [default: HF_TOKEN or the saved login]. Never printed."),
+    typer.Option(
+        "--token", help="Hugging Face token. Never printed.", show_default="HF_TOKEN or the saved login"
+    ),
 ]
 
 

@@ -28,7 +28,9 @@ def push_command(
     metrics: Annotated[
         Path | None,
         typer.Option(
-            "--metrics", help="metrics.json for the card [default: MODEL_DIR/metrics.json or eval-test/]."
+            "--metrics",
+            help="metrics.json for the card.",
+            show_default="MODEL_DIR/metrics.json or eval-test/",
         ),
     ] = None,
     card: Annotated[

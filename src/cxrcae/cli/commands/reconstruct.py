@@ -25,7 +25,9 @@ from cxrcae.errors import EXIT_SOME_FAILED
 
 @app.command("reconstruct")
 def reconstruct_command(
-    model: Annotated[str, typer.Argument(help="Autoencoder checkpoint folder or Hub id user/repo[@rev].")],
+    model: Annotated[
+        str, typer.Argument(help="Autoencoder checkpoint folder or Hub id user/repo@rev (rev optional).")
+    ],
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the PNG views and reconstruction.csv.")

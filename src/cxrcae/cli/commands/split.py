@@ -41,7 +41,8 @@ def split_command(
         bool, typer.Option("--no-dedupe", help="Skip decoding every image to merge exact pixel duplicates.")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Threads for pixel hashing [default: CPUs, max 8].")
+        int | None,
+        typer.Option("--workers", min=1, help="Threads for pixel hashing.", show_default="CPUs, max 8"),
     ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
