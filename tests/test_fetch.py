@@ -73,9 +73,9 @@ class Mirror:
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
-    def serve(self, name: str, data: bytes) -> str:
-        """Publish ``data`` as source ``name``'s archive; returns its full URL."""
-        path = f"/{name}/{SOURCES[name].archive_name}"
+    def serve(self, name: str, data: bytes, filename: str | None = None) -> str:
+        """Publish ``data`` as source ``name``'s archive (or its file ``filename``); returns its full URL."""
+        path = f"/{name}/{filename or SOURCES[name].archive_name}"
         self.files[path] = data
         return self.url + path
 

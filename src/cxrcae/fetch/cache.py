@@ -5,7 +5,12 @@ Layout under ``datasets_dir()`` (``$CXRCAE_HOME/datasets``, default the user cac
     index.json                    what was downloaded: url, size, sha256, when; what was extracted from it
     downloads/<name>/<file>       verified archives (``<file>.part`` while downloading; resumable)
     extracted/<name>/             the archive's tree, moved into place only once complete
+    extracted/<name>/<part>/      for a source of several files: each archive's tree (a plain file is
+                                  copied as ``extracted/<name>/<file>``)
     manifests/<name>.csv          the source's manifest (paths relative to this file)
+
+A source of one archive keeps its record at the top of its entry; a source of several files keeps one record
+per file under ``parts`` (same fields).
 
 The index is rewritten atomically, so an interrupted fetch never leaves it half-written.
 """
@@ -74,6 +79,18 @@ class CacheIndex:
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._write()
         return dict(entry)
+
+    def part(self, name: str, filename: str) -> dict[str, Any]:
+        """The record of one file of a source published as several (empty if none yet)."""
+        return dict(self.entries.get(name, {}).get("parts", {}).get(filename, {}))
+
+    def update_part(self, name: str, filename: str, **fields: Any) -> dict[str, Any]:
+        """``update`` for one file's record under the source's ``parts``."""
+        parts = dict(self.entries.get(name, {}).get("parts", {}))
+        record = {**parts.get(filename, {}), **fields}
+        parts[filename] = {k: v for k, v in record.items() if v is not None}
+        self.update(name, parts=parts)
+        return dict(parts[filename])
 
     def forget(self, name: str) -> None:
         if self.entries.pop(name, None) is not None:

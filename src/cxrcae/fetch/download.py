@@ -3,6 +3,7 @@
 The bytes go to ``<dest>.part``; after a cut connection the next attempt (in this call, or a later run) asks
 for the rest with an HTTP ``Range`` request. Only a file whose size and sha256 match what is expected is
 renamed to ``dest``; a mismatching one is deleted, so the cache never holds bad data. stdlib only (urllib).
+A publisher's MD5 (the only checksum some give) is checked alongside the sha256.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Downloaded:
     """True when at least one request continued a partial file with a Range header."""
 
 
+class MissingFileError(DownloadError):
+    """The server has no such file (HTTP 404 / 410): nothing to retry."""
+
+
 class _Retry(Exception):
     """A transient failure: try again (resuming) after a pause."""
 
@@ -64,13 +69,16 @@ def download(
     sha256: str | None = None,
     size: int | None = None,
     approx_size: int | None = None,
+    md5: str | None = None,
     progress: ProgressFn = no_progress,
     task: str = "download",
     retries: int = 4,
     timeout: float = 60.0,
     backoff: float = 1.0,
 ) -> Downloaded:
-    """Fetch ``url`` into ``dest``; verified against ``sha256``/``size`` when given. Raises ``DownloadError``.
+    """Fetch ``url`` into ``dest``; verified against ``sha256``/``md5``/``size`` when given.
+
+    Raises ``DownloadError`` (``MissingFileError`` when the server has no such file).
 
     Transient failures (timeouts, cut connections, HTTP 5xx/429) are retried ``retries`` times with
     exponential backoff, each retry resuming where the last stopped. A partial file survives a failure, so
@@ -110,26 +118,38 @@ def download(
         raise DownloadError(
             f"{url}: checksum mismatch (expected sha256 {sha256}, got {digest}); the download was deleted"
         )
+    if md5 is not None and state.md5.hexdigest() != md5.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{url}: checksum mismatch (expected md5 {md5}, got {state.md5.hexdigest()}); "
+            "the download was deleted"
+        )
     part.replace(dest)
     return Downloaded(path=dest, size=got, sha256=digest, resumed=resumed)
 
 
 class _State:
-    """The partial file and a running sha256 of its bytes, kept across attempts."""
+    """The partial file and a running sha256 (and MD5) of its bytes, kept across attempts."""
 
     def __init__(self, part: Path):
         self.part = part
         self.digest = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
         self.done = 0
         if part.exists():  # left by an earlier run: hash what is there, then continue after it
             with open(part, "rb") as f:
                 while chunk := f.read(CHUNK):
-                    self.digest.update(chunk)
-                    self.done += len(chunk)
+                    self.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.md5.update(chunk)
+        self.done += len(chunk)
 
     def restart(self) -> None:
         self.part.unlink(missing_ok=True)
         self.digest = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
         self.done = 0
 
     def hexdigest(self) -> str:
@@ -169,8 +189,12 @@ def _attempt(
             raise _Retry("server refused to resume (HTTP 416); restarting") from None
         if exc.code in RETRYABLE_HTTP:
             raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+        if exc.code in (404, 410):
+            raise MissingFileError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, FileNotFoundError):  # a file:// mirror without this file
+            raise MissingFileError(f"{url}: no such file") from None
         if isinstance(exc.reason, OSError):  # refused, reset, timed out, name lookup failed
             raise _Retry(f"{type(exc.reason).__name__}: {exc.reason}") from None
         raise DownloadError(f"{url}: {exc.reason}") from None
@@ -217,8 +241,7 @@ def _stream(response, state: _State, total: int | None, progress: ProgressFn, ta
                 if exc.errno == errno.ENOSPC:
                     raise DownloadError(f"{state.part}: disk full while downloading {url}") from None
                 raise
-            state.digest.update(chunk)
-            state.done += len(chunk)
+            state.update(chunk)
             elapsed = max(time.monotonic() - started, 1e-6)
             progress(task, state.done, total, f"{(state.done - first) / elapsed / 1e6:.1f} MB/s")
     if total is not None and state.done < total:

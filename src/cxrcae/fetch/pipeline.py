@@ -6,7 +6,8 @@ does not stop the others, and the merged manifest is written only when every sou
 A second fetch of a cached source makes no network request: the archive is re-hashed against the sha256
 recorded at its first download, the extracted tree is checked against its recorded file count and size, and
 only the (cheap) parsing runs again. Anything that no longer matches is an error naming the file, never a
-silent re-download.
+silent re-download. A source of several files (NIH ChestX-ray14) goes file by file the same way: an
+interrupted fetch resumes at the file it stopped in, and one changed file is unpacked again alone.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cxrcae._atomic import atomic_open
 from cxrcae.data import Record, write_records
 from cxrcae.errors import CxrcaeError, DataError, DownloadError
 from cxrcae.fetch import cache
-from cxrcae.fetch.download import download, file_sha256
+from cxrcae.fetch.download import MissingFileError, download, file_sha256
 from cxrcae.fetch.extract import DEFAULT_MAX_BYTES, safe_extract
 from cxrcae.fetch.kaggle import kaggle_download
 from cxrcae.fetch.parsers import parse_source
-from cxrcae.fetch.registry import LABELS, SOURCES, Source, get_source
+from cxrcae.fetch.registry import LABELS, SOURCES, Part, Source, get_source
 from cxrcae.progress import ProgressFn, no_progress
 
 Purpose = Literal["classify", "pretrain"]
@@ -48,6 +50,8 @@ class FetchResult:
     downloaded: bool = False
     resumed: bool = False
     extracted: bool = False
+    files: list[dict[str, Any]] = field(default_factory=list)
+    """Per downloaded file of a source of several: filename, url, sha256, size, what was done."""
 
     def counts(self) -> dict[str, int]:
         """Images per label (UNLABELED included), in the fixed label order."""
@@ -71,6 +75,7 @@ class FetchResult:
             "downloaded": self.downloaded,
             "resumed": self.resumed,
             "extracted": self.extracted,
+            "files": list(self.files),
         }
 
 
@@ -123,9 +128,10 @@ def fetch_source(
 
 def _discard(source: Source, index: cache.CacheIndex) -> None:
 
-    archive = cache.archive_path(source.name, source.archive_name)
-    for path in (archive, archive.with_name(archive.name + ".part")):
-        path.unlink(missing_ok=True)
+    for part in source.files:
+        archive = cache.archive_path(source.name, part.filename)
+        for path in (archive, archive.with_name(archive.name + ".part")):
+            path.unlink(missing_ok=True)
     shutil.rmtree(cache.extracted_dir(source.name), ignore_errors=True)
     index.forget(source.name)
 
@@ -152,48 +158,153 @@ def _fetch_kaggle(source: Source, index: cache.CacheIndex, *, force: bool) -> Fe
 
 
 def _fetch_archive(source, index, mirror, progress, retries, timeout, backoff, max_bytes) -> FetchResult:
-    url = source.download_url(mirror)
-    if url is None:  # pragma: no cover - every non-Kaggle source has a URL
-        raise DownloadError(f"{source.name}: no download URL")
-    archive = cache.archive_path(source.name, source.archive_name)
-    entry = index.get(source.name)
-    expected_sha = source.sha256 or entry.get("sha256")
-    expected_size = source.size or entry.get("size")
-    result = FetchResult(source.name, Path(), cache.extracted_dir(source.name), [], archive=archive, url=url)
+    """Download (or re-verify) and unpack every file of an HTTP source into its extracted folder.
 
+    One archive unpacks into the folder itself; each file of a source of several gets its own place in it
+    (``<folder>/<unpack_name>``) and its own record in the index, so each is resumed, verified and
+    unpacked on its own.
+    """
+    root = cache.extracted_dir(source.name)
+    result = FetchResult(source.name, Path(), root, [])
+    several = bool(source.parts)
+    for part in source.files:
+        slot = _Slot(index, source.name, part.filename if several else None)
+        dest = root / part.unpack_name if several else root
+        opts = {"retries": retries, "timeout": timeout, "backoff": backoff, "max_bytes": max_bytes}
+        got = _fetch_file(source, part, slot, dest, mirror, progress, several=several, **opts)
+        result.downloaded |= got.downloaded
+        result.resumed |= got.resumed
+        result.extracted |= got.extracted
+        if several:
+            result.files.append(got.as_dict())
+        else:
+            result.archive, result.url = got.archive, got.url
+            result.sha256, result.size = got.sha256, got.size
+    if several:
+        result.size = sum(f["size"] or 0 for f in result.files)
+    return result
+
+
+@dataclass
+class _Slot:
+    """Where one file's record lives in the cache index: the source's entry, or its ``parts`` record."""
+
+    index: cache.CacheIndex
+    name: str
+    part: str | None = None
+
+    def get(self) -> dict[str, Any]:
+        return self.index.get(self.name) if self.part is None else self.index.part(self.name, self.part)
+
+    def update(self, **fields: Any) -> None:
+        if self.part is None:
+            self.index.update(self.name, **fields)
+        else:
+            self.index.update_part(self.name, self.part, **fields)
+
+
+@dataclass
+class _File:
+    """What happened to one downloaded file."""
+
+    filename: str
+    url: str
+    archive: Path
+    sha256: str | None = None
+    size: int | None = None
+    downloaded: bool = False
+    resumed: bool = False
+    extracted: bool = False
+    absent: bool = False
+    """An optional file the server does not have (recorded; asked for again only with --force)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "url": self.url,
+            "sha256": self.sha256,
+            "size": self.size,
+            "downloaded": self.downloaded,
+            "resumed": self.resumed,
+            "extracted": self.extracted,
+            "absent": self.absent,
+        }
+
+
+def _fetch_file(
+    source: Source, part: Part, slot: _Slot, dest: Path, mirror, progress, *, several: bool, **opts
+) -> _File:
+    url = source.download_url(mirror, part) or ""
+    archive = cache.archive_path(source.name, part.filename)
+    entry = slot.get()
+    got = _File(part.filename, url, archive)
+    if part.optional and entry.get("absent") and not archive.is_file():
+        got.absent, got.url = True, entry.get("url", url)
+        return got
+    expected_sha = part.sha256 or entry.get("sha256")
+    expected_size = part.size or entry.get("size")
     if archive.is_file():
         _verify_cached(source, archive, expected_sha, expected_size, progress)
         digest, size = expected_sha or file_sha256(archive), archive.stat().st_size
         if not entry.get("sha256"):
-            index.update(source.name, sha256=digest, size=size, url=entry.get("url", url), downloaded=_now())
+            slot.update(sha256=digest, size=size, url=entry.get("url", url), downloaded=_now())
     else:
-        got = download(
-            url,
-            archive,
-            sha256=expected_sha,
-            size=expected_size,
-            approx_size=source.approx_size,
-            progress=progress,
-            task=f"download {source.name}",
-            retries=retries,
-            timeout=timeout,
-            backoff=backoff,
-        )
-        digest, size = got.sha256, got.size
-        index.update(source.name, sha256=digest, size=size, url=url, downloaded=_now(), extracted=None)
-        result.downloaded, result.resumed = True, got.resumed
-    result.sha256, result.size = digest, size
+        try:
+            fetched = download(
+                url,
+                archive,
+                sha256=expected_sha,
+                md5=part.md5,
+                size=expected_size,
+                approx_size=part.approx_size,
+                progress=progress,
+                task=f"download {source.name}/{part.filename}" if several else f"download {source.name}",
+                retries=opts["retries"],
+                timeout=opts["timeout"],
+                backoff=opts["backoff"],
+            )
+        except MissingFileError:
+            if not part.optional:
+                raise
+            _remove(dest)
+            slot.update(absent=True, url=url, checked=_now(), extracted=None)
+            got.absent = True
+            return got
+        digest, size = fetched.sha256, fetched.size
+        slot.update(sha256=digest, size=size, url=url, downloaded=_now(), extracted=None, absent=None)
+        got.downloaded, got.resumed = True, fetched.resumed
+    got.sha256, got.size = digest, size
 
-    done = index.get(source.name).get("extracted") or {}
-    root = result.root
-    if root.is_dir() and done.get("archive_sha256") == digest:
-        if cache.tree_stats(root) == (done.get("files"), done.get("bytes")):
-            return result
-    safe_extract(archive, root, max_bytes=max_bytes, progress=progress, task=f"extract {source.name}")
-    files, written = cache.tree_stats(root)
-    index.update(source.name, extracted={"archive_sha256": digest, "files": files, "bytes": written})
-    result.extracted = True
-    return result
+    done = slot.get().get("extracted") or {}
+    if done.get("archive_sha256") == digest and _stats(dest) == (done.get("files"), done.get("bytes")):
+        return got
+    if part.is_archive:
+        task = f"extract {source.name}/{part.filename}" if several else f"extract {source.name}"
+        safe_extract(archive, dest, max_bytes=opts["max_bytes"], progress=progress, task=task)
+    else:  # a plain file (a label CSV): copied next to the unpacked archives
+        _remove(dest)
+        with open(archive, "rb") as src, atomic_open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    files, written = _stats(dest) or (0, 0)
+    slot.update(extracted={"archive_sha256": digest, "files": files, "bytes": written})
+    got.extracted = True
+    return got
+
+
+def _stats(path: Path) -> tuple[int, int] | None:
+    """(files, bytes) of an unpacked tree or a copied file; None when it is not there."""
+    if path.is_file():
+        return 1, path.stat().st_size
+    if path.is_dir():
+        return cache.tree_stats(path)
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _verify_cached(source: Source, archive: Path, sha: str | None, size: int | None, progress) -> None:
@@ -315,18 +426,45 @@ def fetch_sources(
 
 
 def cache_status(source: Source) -> str:
-    """How much of a source is cached: ``yes``, ``archive``, ``partial (N MB)`` or ``no``."""
+    """How much of a source is cached: ``yes``, ``archive``, ``partial (...)`` or ``no``."""
     entry = cache.CacheIndex().get(source.name)
     if source.kaggle and entry.get("kaggle", {}).get("path") and Path(entry["kaggle"]["path"]).is_dir():
         return "yes"
-    archive = cache.archive_path(source.name, source.archive_name)
     extracted = cache.extracted_dir(source.name)
+    if source.parts:
+        records = [entry.get("parts", {}).get(p.filename, {}) for p in source.parts]
+        have = [
+            cache.archive_path(source.name, p.filename).is_file() or r.get("absent")
+            for p, r in zip(source.parts, records, strict=True)
+        ]
+        if all(have):
+            unpacked = all(r.get("extracted") or r.get("absent") for r in records)
+            return "yes" if extracted.is_dir() and unpacked else "archive"
+        partial = sum(_part_size(source.name, p.filename) for p in source.parts)
+        if any(have) or partial:
+            more = f", {partial / 1e6:.1f} MB of the next" if partial else ""
+            return f"partial ({sum(map(bool, have))} of {len(have)} files{more})"
+        return "no"
+    archive = cache.archive_path(source.name, source.archive_name)
     if archive.is_file():
         return "yes" if extracted.is_dir() and entry.get("extracted") else "archive"
-    part = archive.with_name(archive.name + ".part")
-    if part.is_file():
-        return f"partial ({part.stat().st_size / 1e6:.1f} MB)"
+    if partial := _part_size(source.name, source.archive_name):
+        return f"partial ({partial / 1e6:.1f} MB)"
     return "no"
+
+
+def _part_size(name: str, filename: str) -> int:
+    """Bytes of an interrupted download (its ``.part`` file), 0 when there is none."""
+    archive = cache.archive_path(name, filename)
+    part = archive.with_name(archive.name + ".part")
+    return part.stat().st_size if part.is_file() else 0
+
+
+def _page(source: Source) -> str:
+    """The URL to show for a source: its archive, its Kaggle page, or (several files) its homepage."""
+    if source.kaggle:
+        return f"https://www.kaggle.com/datasets/{source.kaggle}"
+    return source.url or source.homepage
 
 
 def list_sources() -> list[dict[str, Any]]:
@@ -335,18 +473,25 @@ def list_sources() -> list[dict[str, Any]]:
     rows = []
     for source in SOURCES.values():
         entry = index.get(source.name)
+        size, exact = entry.get("size") or source.size, bool(entry.get("size") or source.size)
+        if source.parts:  # exact once every file the server has was downloaded
+            records = [entry.get("parts", {}).get(p.filename, {}) for p in source.parts]
+            recorded = [r.get("size") for r in records if not r.get("absent")]
+            exact = all(recorded)
+            size = sum(recorded) if exact else None
         rows.append(
             {
                 "name": source.name,
                 "title": source.title,
                 "images": source.images,
                 "classes": list(source.classes),
-                "size": entry.get("size") or source.size or source.approx_size,
-                "size_exact": bool(entry.get("size") or source.size),
+                "size": size or source.approx_size,
+                "size_exact": exact,
                 "license": source.license,
                 "host": "kaggle" if source.kaggle else "http",
-                "url": source.url or f"https://www.kaggle.com/datasets/{source.kaggle}",
-                "sha256": entry.get("sha256") or source.sha256,
+                "url": _page(source),
+                "files": [p.filename for p in source.files],
+                "sha256": None if source.parts else entry.get("sha256") or source.sha256,
                 "cached": cache_status(source),
                 "reference": source.reference,
                 "description": source.description,

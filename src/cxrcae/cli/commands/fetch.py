@@ -65,7 +65,8 @@ def fetch_command(
 
     Downloads resume after an interruption and are verified by sha256 (recorded at the first download
     where the publisher gives none); a second fetch makes no request. Archives are unpacked safely.
-    Manifest columns: path,label,patient_id,source,view,license,finding,original_dataset.
+    Manifest columns: path,label,patient_id,source,view,license,finding,original_dataset (NIH, Montgomery and
+    Shenzhen add sex,age; Montgomery its lung masks left_lung,right_lung; NIH its official split).
     """
     if list_:
         _list(json_out)
@@ -109,13 +110,15 @@ def fetch_command(
 def _render(results: list[Any], merged: Path | None) -> None:
     from cxrcae.fetch import LABELS
 
+    counts = [r.counts() for r in results]
+    others = sorted({label for c in counts for label in c} - set(LABELS))  # other tasks' labels (TB)
+    labels = [*LABELS[:-1], *others, LABELS[-1]]
     rows = []
-    for r in results:
-        counts = r.counts()
+    for r, count in zip(results, counts, strict=True):
         excluded = ", ".join(f"{v} {k}" for k, v in sorted(r.excluded.items())) or "-"
         state = "downloaded" if r.downloaded else "cached"
-        rows.append([r.name, len(r.records), *(counts[label] for label in LABELS), excluded, state])
-    console.print(make_table("Fetched", ["source", "images", *LABELS, "excluded", "from"], rows))
+        rows.append([r.name, len(r.records), *(count.get(label, 0) for label in labels), excluded, state])
+    console.print(make_table("Fetched", ["source", "images", *labels, "excluded", "from"], rows))
     for r in results:
         console.print(f"{r.name}: {r.manifest}", highlight=False, soft_wrap=True)
     if merged:
