@@ -441,7 +441,7 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
         while stage_epoch < plan.epochs and not stopper.stopped:
             epoch += 1
             stage_epoch += 1
-            staged = len(run.stages) > 1
+            staged = run.set_stage is not None  # stages that freeze and unfreeze are named in the logs
             task = f"epoch {epoch}" + (
                 f" ({plan.name} {stage_epoch}/{plan.epochs})" if staged else f"/{plan.epochs}"
             )
