@@ -134,7 +134,7 @@ def test_resume_state_refuses_mixed_files(tmp_path):
 
 
 def test_class_weights_balance_the_loss():
-    from cxrcae.train.data import class_weights
+    from cxrcae.data.balance import class_weights
 
     w = class_weights([0, 0, 0, 1, 2, 2], 3)
     assert torch.allclose(w, torch.tensor([6 / 9, 6 / 3, 6 / 6]))

@@ -167,9 +167,16 @@ def collate_with_errors(items: list[dict[str, Any] | Unreadable], image_size: in
         image = torch.empty(0)
     return {
         "image": image,
-        "label": torch.tensor([it.get("label", -1) for it in good], dtype=torch.long),
+        "label": _stack_targets([it.get("label", -1) for it in good]),
         "index": [it["index"] for it in good],
         "path": [it["path"] for it in good],
         "errors": [(it.index, it.path, it.reason) for it in bad],
         "skipped": [f"{it.path}: {it.reason}" for it in bad],
     }
+
+
+def _stack_targets(targets: list[Any]) -> torch.Tensor:
+    """Class indices as a long vector (-1 where none); tensor targets (0/1 vectors, masks) stacked."""
+    if targets and isinstance(targets[0], torch.Tensor):
+        return torch.stack(targets)
+    return torch.tensor(targets, dtype=torch.long)

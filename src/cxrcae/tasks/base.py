@@ -12,14 +12,19 @@ by the checkpoint's config.json (``task``; older checkpoints have only ``kind`` 
 - ``probabilities(outputs, config)``: how raw outputs become what users read (class probabilities,
   per-label probabilities, masks), calibration included;
 - ``metric_names``: the validation metrics it reports each epoch (the training table shows them);
-- ``card_summary(config)``: the sentence the model card says about what the model predicts.
+- ``card_summary(config)``: the sentence the model card says about what the model predicts;
+- for fine-tuning on labelled data (``cxrcae finetune --task NAME``): ``target_fields`` (what the training
+  records say the outputs are, e.g. ``class_names``, checked against validation), ``dataset`` (items whose
+  ``"label"`` is this task's target: a class index, a 0/1 vector, masks), ``weighting`` (``--balance``) and
+  ``training_notes``. ``uses_label_column`` says whether a record needs the manifest's ``label`` column.
 
 A new task is one module with a ``Task`` subclass, one line in ``cxrcae.tasks.TASKS``, and its tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrcae.errors import CheckpointError
+from cxrcae.data.records import Record
+from cxrcae.errors import CheckpointError, DataError
+from cxrcae.io.decoded import DecodedCache
 
 
 class EpochOutputs(Protocol):
@@ -68,6 +75,29 @@ class Objective:
         pass
 
 
+@dataclass(frozen=True)
+class TargetSource:
+    """Where a task's training targets come from in a manifest (what ``finetune`` was told): the ``label``
+    column (classify), another column of separated names (``labels`` + ``label_sep``), 0/1 columns
+    (``label_columns``) or one mask-path column per structure (``masks``)."""
+
+    labels: str | None = None
+    label_sep: str | None = None
+    label_columns: tuple[str, ...] = ()
+    masks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """What ``--balance`` asks of a training set: a loss weight per class, sampling weights per image."""
+
+    loss_weight: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Task:
     """Base class of the registered tasks (``cxrcae.tasks.TASKS``); see the module docstring."""
 
@@ -93,6 +123,40 @@ class Task:
 
     def card_summary(self, config: dict[str, Any]) -> str:
         return self.description
+
+    # ------------------------------------------------------------------------------ fine-tuning on labels
+
+    uses_label_column: bool = False
+    balance_modes: tuple[str, ...] = ("none",)
+
+    def target_fields(
+        self, train: Sequence[Record], val: Sequence[Record], source: TargetSource, where: str
+    ) -> dict[str, Any]:
+        """The config.json fields that name this task's outputs, from the training records (a one-line
+        ``DataError`` when they cannot be trained on, e.g. a validation class absent from training)."""
+        raise DataError(f"task {self.name!r} does not train on labelled data")
+
+    def dataset(
+        self,
+        records: Sequence[Record],
+        config: dict[str, Any],
+        transform: Transform | None = None,
+        decoded: DecodedCache | None = None,
+    ):
+        """A dataset of ``{"image", "label", "path", "patient_id"}`` items, ``"label"`` this task's target."""
+        raise DataError(f"task {self.name!r} does not train on labelled data")
+
+    def weighting(self, dataset: Any, records: Sequence[Record], balance: str) -> Weighting:
+        if balance not in self.balance_modes:
+            raise DataError(
+                f"--balance {balance} is not available for task {self.name!r} "
+                f"(choose {', '.join(self.balance_modes)})"
+            )
+        return Weighting()
+
+    def training_notes(self, train: Sequence[Record], balance: str) -> list[str]:
+        """Advice about the training data worth printing after the run (e.g. imbalanced classes)."""
+        return []
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -7,6 +7,8 @@ reports accuracy, balanced accuracy (macro recall) and macro F1.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrcae.errors import CheckpointError
+from cxrcae.data.balance import class_weights, source_balanced_weights
+from cxrcae.data.dataset import XrayDataset
+from cxrcae.data.records import Record, class_names
+from cxrcae.errors import CheckpointError, DataError
+from cxrcae.io.decoded import DecodedCache
 from cxrcae.metrics import classification_metrics
 from cxrcae.models.cae import CAEEncoder
 from cxrcae.models.classifier import CXRClassifier
 from cxrcae.models.heads import HEADS, build_head
-from cxrcae.tasks.base import EpochOutputs, Objective, Task, _numpy, check_class_names
+from cxrcae.tasks.base import (
+    EpochOutputs,
+    Objective,
+    TargetSource,
+    Task,
+    Transform,
+    Weighting,
+    _numpy,
+    check_class_names,
+)
 
 MAX_CLASSES = 1000
 
@@ -113,3 +128,52 @@ class Classify(Task):
     def card_summary(self, config: dict[str, Any]) -> str:
         names = config.get("class_names") or []
         return f"Classifies an X-ray into one of {len(names)} classes: {', '.join(map(str, names))}."
+
+    # ------------------------------------------------------------------------------ fine-tuning on labels
+
+    uses_label_column = True
+    balance_modes = ("none", "loss", "sampler", "source")
+
+    def target_fields(
+        self, train: Sequence[Record], val: Sequence[Record], source: TargetSource, where: str
+    ) -> dict[str, Any]:
+        """``class_names``: the sorted labels of the training records (any names: ``0``..``4`` work)."""
+        names = class_names(train)
+        if len(names) < 2:
+            raise DataError(f"{where}: need at least two classes in the train split, found {names}")
+        unknown = sorted({r.label for r in val if r.label not in names})
+        if unknown:
+            raise DataError(f"{where}: validation labels absent from the train split: {', '.join(unknown)}")
+        return {"class_names": names}
+
+    def dataset(
+        self,
+        records: Sequence[Record],
+        config: dict[str, Any],
+        transform: Transform | None = None,
+        decoded: DecodedCache | None = None,
+    ) -> XrayDataset:
+        size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
+        return XrayDataset(records, size, mode, config["class_names"], transform, decoded)
+
+    def weighting(self, dataset: XrayDataset, records: Sequence[Record], balance: str) -> Weighting:
+        """``loss``: class-weighted cross-entropy; ``sampler``: sampling weights per class; ``source``: per
+        class and, inside a class, per source (``cxrcae.data.balance``)."""
+        super().weighting(dataset, records, balance)
+        labels, n = dataset.labels, len(dataset.class_names)
+        if balance == "loss":
+            return Weighting(loss_weight=class_weights(labels, n))
+        if balance == "sampler":
+            per_class = class_weights(labels, n)
+            return Weighting(
+                sample_weights=torch.tensor([per_class[i].item() for i in labels], dtype=torch.double)
+            )
+        if balance == "source":
+            return Weighting(sample_weights=source_balanced_weights(labels, [r.source for r in records]))
+        return Weighting()
+
+    def training_notes(self, train: Sequence[Record], balance: str) -> list[str]:
+        counts = Counter(r.label for r in train)
+        if balance == "none" and counts and max(counts.values()) > 3 * min(counts.values()):
+            return ["classes are imbalanced (>3x); consider --balance loss or --balance sampler"]
+        return []

@@ -16,6 +16,8 @@ from typing import Any
 
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import HEADS
+from cxrcae.tasks import get_task
+from cxrcae.tasks.base import TargetSource
 from cxrcae.train.optim import OPTIMIZERS
 
 ENCODER_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
@@ -137,6 +139,18 @@ class FinetuneConfig(TrainConfig):
     head: str = "lstm"
     stages: tuple[str, ...] = ("head", "all")
     balance: str = "none"
+    task: str = "classify"
+    """What the model learns (``cxrcae.tasks``): its head or decoder, loss, metrics and outputs."""
+    labels: str | None = None
+    """Manifest column whose separated names are the targets (with ``label_sep``), e.g. ``finding``."""
+    label_sep: str | None = None
+    label_columns: tuple[str, ...] = ()
+    """0/1 manifest columns, one per label."""
+    masks: tuple[str, ...] = ()
+    """Mask-path manifest columns (or ``masks/<name>/`` folders), one per structure."""
+
+    def target_source(self) -> TargetSource:
+        return TargetSource(self.labels, self.label_sep, tuple(self.label_columns), tuple(self.masks))
 
     def validate(self) -> None:
 
@@ -148,3 +162,5 @@ class FinetuneConfig(TrainConfig):
         if self.balance not in BALANCE_MODES:
             raise CxrcaeError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
         expand_stages(self.stages)
+        if not get_task(self.task).labelled:
+            raise CxrcaeError(f"--task {self.task} trains without labels: use `cxrcae pretrain`")

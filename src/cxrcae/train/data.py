@@ -109,16 +109,23 @@ def pretrain_data(
 
 
 def finetune_data(
-    data: str | Path, out_dir: Path, seed: int = 0, progress: ProgressFn = no_progress
+    data: str | Path,
+    out_dir: Path,
+    seed: int = 0,
+    progress: ProgressFn = no_progress,
+    need_label: bool = True,
 ) -> TrainData:
     """Labelled view of DATA: a splits CSV's train/val (test never touched), or a leak-free split made
     now as ``cxrcae split --seed SEED`` makes it (ratios 0.73/0.135/0.135, pixel dedupe), so the same DATA
-    and seed give the same split either way; it is written to OUT/splits.csv."""
+    and seed give the same split either way; it is written to OUT/splits.csv.
 
-    records = load_records(data, labeled=True)
+    ``need_label=False`` (tasks whose targets live in other columns: masks, separated findings) keeps
+    records without a ``label``; the task then checks its own columns."""
+
+    records = load_records(data, labeled=need_label)
     data = os.path.abspath(data)
-    unlabeled = sum(1 for r in records if r.label is None)
-    records = [r for r in records if r.label is not None]
+    unlabeled = sum(1 for r in records if r.label is None) if need_label else 0
+    records = [r for r in records if r.label is not None or not need_label]
     if not records:
         raise DataError(f"{data}: no labelled images")
     split = _from_split_column(records, data, need_labels=True)
@@ -181,40 +188,6 @@ def augmentation():
 
 def _clamp01(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0.0, 1.0)  # a named function (not a lambda) so spawned DataLoader workers can pickle it
-
-
-def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
-    """n / (k * n_c): every class contributes equally to the loss (sklearn's 'balanced')."""
-    counts = torch.bincount(torch.tensor([lab for lab in labels if lab >= 0]), minlength=n_classes).double()
-    if (counts == 0).any():
-        empty = int((counts == 0).nonzero()[0])
-        raise DataError(f"class index {empty} has no training images; cannot balance")
-    return (counts.sum() / (n_classes * counts)).float()
-
-
-def source_balanced_weights(labels: Sequence[int], sources: Sequence[str | None]) -> torch.Tensor:
-    """Per-image sampling weights for ``--balance source``: every class gets the same total weight, and
-    inside a class each source gets a share proportional to the square root of its image count.
-
-    Why: in public COVID sets each class comes mostly from one source (radiography-db pneumonia is largely
-    pediatric), so a model can learn the source instead of the disease. Giving the minority sources of a
-    class more weight weakens that shortcut; the square root keeps a source of two images from being
-    repeated hundreds of times per epoch (full source equality would).
-    """
-    cells = Counter((lab, src or "") for lab, src in zip(labels, sources) if lab >= 0)
-    if not cells:
-        raise DataError("no labelled training images to balance")
-    classes = sorted({lab for lab, _ in cells})
-    root_sum = {c: sum(n**0.5 for (lab, _), n in cells.items() if lab == c) for c in classes}
-    weights = []
-    for lab, src in zip(labels, sources):
-        if lab < 0:
-            weights.append(0.0)
-            continue
-        n = cells[(lab, src or "")]
-        # class mass 1/k, split over sources by sqrt(n), then evenly over the n images of the cell
-        weights.append((n**0.5 / root_sum[lab]) / (len(classes) * n))
-    return torch.tensor(weights, dtype=torch.double)
 
 
 def training_workers(num_workers: int | None = None) -> int:

@@ -21,18 +21,14 @@ threshold from the training images' reconstruction errors. Otherwise a note says
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cxrcae.data import XrayDataset, class_names
-from cxrcae.errors import DataError
 from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
 from cxrcae.io.decoded import DecodedCache
-from cxrcae.models import CAEEncoder, CXRClassifier, build_head
 from cxrcae.models.checkpoint import load_state_strict
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import (
@@ -49,9 +45,7 @@ from cxrcae.train.config import ENCODER_BLOCKS, FinetuneConfig, expand_stages
 from cxrcae.train.data import (
     TrainData,
     augmentation,
-    class_weights,
     finetune_data,
-    source_balanced_weights,
 )
 from cxrcae.train.engine import (
     BEST,
@@ -82,7 +76,8 @@ def finetune(
     cfg.validate()
     out = check_out_dir(out_dir)
     with run_lock(out), reproducible(cfg.seed):  # one writer per run folder (cxrcae.locking)
-        tdata = finetune_data(data, out, cfg.seed, progress)
+        labelled = get_task(cfg.task).uses_label_column
+        tdata = finetune_data(data, out, cfg.seed, progress, need_label=labelled)
         return run_finetune(tdata, out, cfg, progress)
 
 
@@ -116,19 +111,24 @@ def run_finetune(
 
     ``cache_features=False`` keeps frozen-encoder stages on the images (``Run.cache_features``)."""
 
-    names = class_names(tdata.train)
-    if len(names) < 2:
-        raise DataError(f"{tdata.source}: need at least two classes in the train split, found {names}")
-    unknown = sorted({r.label for r in tdata.val if r.label not in names})
-    if unknown:
-        raise DataError(
-            f"{tdata.source}: validation labels absent from the train split: {', '.join(unknown)}"
-        )
+    task = get_task(cfg.task)
+    targets = task.target_fields(tdata.train, tdata.val, cfg.target_source(), tdata.source)
+    names = targets.get("class_names", [])
+    # what config.json says about the network; the task rebuilds the model and its data from it
+    network = {
+        "task": task.name,
+        "kind": task.kind,
+        "head": cfg.head,
+        "image_size": cfg.image_size,
+        "in_chans": 3,
+        **targets,
+        "resize_mode": cfg.resize_mode,
+    }
 
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
     dtype = resolve_precision(cfg.precision, device, cfg.image_size)
     rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
-    model = CXRClassifier(CAEEncoder(), build_head(cfg.head, len(names), cfg.image_size))
+    model = task.build(network)
     notes: list[str] = []
     if resume is None and cfg.encoder:
         enc, encoder_provenance = load_encoder_init(cfg.encoder)
@@ -148,19 +148,11 @@ def run_finetune(
 
     transform = augmentation() if cfg.augment else None
     decoded = DecodedCache(home_dir() / "decoded") if cfg.cache_decoded else None
-    train_set = XrayDataset(tdata.train, cfg.image_size, cfg.resize_mode, names, transform, decoded)
-    val_set = XrayDataset(tdata.val, cfg.image_size, cfg.resize_mode, names, decoded=decoded)
-    labels = train_set.labels
-    weight = class_weights(labels, len(names)) if cfg.balance == "loss" else None
-    sample_weights = None
-    if cfg.balance == "sampler":
-        per_class = class_weights(labels, len(names))
-        sample_weights = torch.tensor([per_class[lab].item() for lab in labels], dtype=torch.double)
-    elif cfg.balance == "source":
-        sample_weights = source_balanced_weights(labels, [r.source for r in tdata.train])
-
-    task = get_task("classify")
-    objective = task.objective({"class_names": names}, weight=weight)
+    train_set = task.dataset(tdata.train, network, transform, decoded)
+    val_set = task.dataset(tdata.val, network, decoded=decoded)
+    weighting = task.weighting(train_set, tdata.train, cfg.balance)
+    weight, sample_weights = weighting.loss_weight, weighting.sample_weights
+    objective = task.objective(network, weight=weight)
     data_summary = tdata.summary(names)
     used = {
         "device": str(device),
@@ -176,13 +168,7 @@ def run_finetune(
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         best = summary.get("best_metrics", {})
         return {
-            "task": task.name,
-            "kind": task.kind,
-            "head": cfg.head,
-            "image_size": cfg.image_size,
-            "in_chans": 3,
-            "class_names": names,
-            "resize_mode": cfg.resize_mode,
+            **network,
             "training": {
                 "task": KIND,
                 "objective": objective.name + ("_class_weighted" if weight is not None else ""),
@@ -236,15 +222,13 @@ def run_finetune(
 
     curve = out / "loss_curve.png"
     if distributed.current().main:  # under torchrun the other processes write nothing
-        loss_curves(outcome.history, curve, "cross-entropy")
+        loss_curves(outcome.history, curve, objective.name.replace("_", "-"))
     files = {"loss_curve": str(curve)}
     if tdata.split_origin != "file":
         files["splits"] = str(out / "splits.csv")
-    counts = Counter(r.label for r in tdata.train)
     if tdata.dropped_unlabeled:
         notes.append(f"{tdata.dropped_unlabeled} unlabelled image(s) ignored")
-    if cfg.balance == "none" and max(counts.values()) > 3 * min(counts.values()):
-        notes.append("classes are imbalanced (>3x); consider --balance loss or --balance sampler")
+    notes += task.training_notes(tdata.train, cfg.balance)
     return train_result(
         run,
         outcome,

@@ -14,6 +14,7 @@ from cxrcae._atomic import sweep_temporaries
 from cxrcae.errors import CheckpointError
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import reproducible
+from cxrcae.tasks import get_task
 from cxrcae.train.config import FinetuneConfig, PretrainConfig
 from cxrcae.train.data import resumed_data
 from cxrcae.train.engine import BEST, TrainResult, run_lock
@@ -61,7 +62,8 @@ def _resume(
     if num_workers is not None:
         cfg.num_workers = num_workers
     cfg.validate()
-    tdata = resumed_data(state["data"], out, labeled=kind == "finetune")
+    labelled = kind == "finetune" and get_task(getattr(cfg, "task", "classify")).uses_label_column
+    tdata = resumed_data(state["data"], out, labeled=labelled)
     resume = (state, tensors, weights)
     with reproducible(cfg.seed):  # the saved RNG states are restored on top of this, inside ``fit``
         if kind == "pretrain":
