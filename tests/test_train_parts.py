@@ -13,8 +13,8 @@ from PIL import Image
 from cxrcae import runtime
 from cxrcae.data import XrayDataset, load_records
 from cxrcae.data.dataset import SafeDataset, collate_with_errors
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CxrcaeError
-from cxrcae.infer.batches import iter_batches
 from cxrcae.models import CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 from cxrcae.runtime import reproducible, resolve_device, resolve_precision
 from cxrcae.train.config import expand_stages
