@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from cxrcae.errors import CheckpointError
+from cxrcae.hub.keras import import_keras, read_keras_h5
 from cxrcae.hub.resolve import load_checkpoint
-from cxrcae.models.keras import import_keras, read_keras_h5
 
 ENC = (64, 64, 128, 256, 512, 512)
 DEC = (512, 256, 128, 64, 3)

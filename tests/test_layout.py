@@ -81,3 +81,16 @@ def test_check_imports_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert res.returncode == 1
     assert "import cycle: cxrcae.a <-> cxrcae.b" in res.stdout
     assert "import inside a function in cxrcae.b" in res.stdout
+
+
+def test_light_imports_do_not_load_torch():
+    # reading manifests, decoding images and fetching datasets must not pay for torch (nor --help)
+    code = (
+        "import sys, cxrcae, cxrcae.data, cxrcae.io, cxrcae.fetch, cxrcae.paths; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, cxrcae.data; cxrcae.data.XrayDataset; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"  # the lazy re-export still delivers the Dataset

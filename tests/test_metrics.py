@@ -7,7 +7,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxrcae import metrics as M
-from cxrcae.eval.calibration import fit_temperature, model_temperature, nll, softmax
+from cxrcae.eval.calibration import fit_temperature, nll
+from cxrcae.metrics import softmax
+from cxrcae.models.checkpoint import model_temperature
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 

@@ -223,8 +223,8 @@ def test_explain_writes_gradcam_overlays(classifier, tmp_path):
 
 
 def test_gradcam_on_the_classifier_keeps_logits_and_weights(classifier):
-    from cxrcae.eval.explain import GradCAM
     from cxrcae.hub.resolve import load_checkpoint
+    from cxrcae.infer.explain import GradCAM
 
     net, _ = load_checkpoint(classifier)
     images = torch.rand(3, 3, SIZE, SIZE)
@@ -264,7 +264,7 @@ def _pixels(cls: int) -> tuple[slice, slice]:
 
 
 def test_gradcam_peaks_on_the_patch_that_drives_the_class():
-    from cxrcae.eval.explain import GradCAM
+    from cxrcae.infer.explain import GradCAM
 
     model = _PatchModel()
     image = torch.zeros(1, 3, SIZE, SIZE)
@@ -303,7 +303,7 @@ def test_collect_inputs_globs_and_missing(tmp_path):
 
 
 def test_iter_batches_contract(tmp_path):
-    from cxrcae.infer.batches import iter_batches
+    from cxrcae.data.stream import iter_batches
 
     paths = [_png(tmp_path / f"{i}.png", i) for i in range(5)]
     paths.insert(2, tmp_path / "missing.png")

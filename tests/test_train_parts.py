@@ -13,11 +13,12 @@ from PIL import Image
 from cxrcae import runtime
 from cxrcae.data import XrayDataset, load_records
 from cxrcae.data.dataset import SafeDataset, collate_with_errors
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CxrcaeError
-from cxrcae.infer.batches import iter_batches
 from cxrcae.models import CAEEncoder, ConvAutoencoder, CXRClassifier, build_head
 from cxrcae.runtime import reproducible, resolve_device, resolve_precision
 from cxrcae.tasks.reconstruct import Reconstruction
+from cxrcae.train import speed
 from cxrcae.train.config import expand_stages
 from cxrcae.train.data import make_loader
 from cxrcae.train.engine import EarlyStopping, Runtime, train_mode, validate
@@ -285,10 +286,10 @@ def test_training_and_inference_report_a_bad_file_through_the_same_wrapper(tmp_p
 def test_speed_probe_chooses_by_measurement_not_flags(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
     times = {(None, False): 1.0, (None, True): 2.0, (torch.bfloat16, True): 0.9}
-    choice = runtime.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
+    choice = speed.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
     assert choice["precision"] == "fp32" and choice["channels_last"] is False  # bf16 only 1.11x: not enough
     times[(torch.bfloat16, True)] = 0.5
-    choice = runtime.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
+    choice = speed.probe_cpu(64, timer=lambda dtype, cl, size: times[(dtype, cl)])
     assert choice["precision"] == "bf16" and choice["channels_last"] is True
 
 
@@ -306,15 +307,19 @@ def test_speed_probe_runs_once_per_machine_and_can_be_turned_off(monkeypatch, tm
             "seconds": {},
         }
 
-    monkeypatch.setattr(runtime, "probe_cpu", fake_probe)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(speed, "probe_cpu", fake_probe)
     assert runtime.cpu_choice(None)["precision"] == "fp32" and calls == []  # inference never probes
-    first = runtime.cpu_choice(224)
-    again = runtime.cpu_choice(224)
+    assert runtime.cpu_choice(224)["source"] == "default" and calls == []  # reading never measures
+    first = speed.measure_cpu(224)
+    again = speed.measure_cpu(224)
     assert calls == [224] and first["channels_last"] is False and again["source"].endswith(".json")
-    assert runtime.resolve_channels_last(None, torch.device("cpu"), 224) is False
-    assert runtime.resolve_channels_last(None, torch.device("cpu"), 64) is True  # each size is measured
+    assert runtime.resolve_channels_last(None, cpu, 224) is False
+    assert runtime.resolve_channels_last(None, cpu, 64) is False  # not measured at 64: the nearest size's
+    assert speed.training_precision("fp32", None, cpu, 64) == (None, True)  # training measures its size
     assert calls == [224, 64] and runtime.cpu_choice(224)["channels_last"] is False
-    assert runtime.resolve_channels_last(True, torch.device("cpu")) is True  # the user's choice wins
+    assert speed.training_precision("fp32", True, cpu, 32) == (None, True) and len(calls) == 2  # no auto
+    assert runtime.resolve_channels_last(True, cpu) is True  # the user's choice wins
     key = runtime.machine_key()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")  # narrower kernels are another machine for the probe
     assert runtime.machine_key() != key
@@ -322,9 +327,9 @@ def test_speed_probe_runs_once_per_machine_and_can_be_turned_off(monkeypatch, tm
         runtime.cpu_choice(None)["channels_last"] is True and len(calls) == 2
     )  # inference: nearest, no probe
     monkeypatch.setenv("CXRCAE_PROBE", "off")
-    assert runtime.cpu_choice(224)["channels_last"] is True and len(calls) == 2
+    assert speed.measure_cpu(224)["channels_last"] is True and len(calls) == 2
 
 
 def test_speed_probe_times_the_real_step():
-    seconds = runtime._time_setting(None, False, 32, reps=1)
+    seconds = speed._time_setting(None, False, 32, reps=1)
     assert 0 < seconds < 60

@@ -34,6 +34,14 @@ def _check(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return y, p
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable softmax of ``logits / temperature`` along the last axis."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Point estimates (scikit-learn)
 # ---------------------------------------------------------------------------------------------------------

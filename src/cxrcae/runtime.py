@@ -1,8 +1,8 @@
 """Where and how tensors run: device choice, mixed precision, memory layout and seeding, in one place.
 
-``auto`` precision and layout on CPU come from measuring, not from CPU flags: the first time they are needed a
-short probe times the CAE training step in each setting, and the answer is kept per machine in
-``$CXRCAE_HOME/probe/``.
+``auto`` precision and layout on CPU come from measuring, not from CPU flags: the first time a training run
+needs them, the speed probe (``cxrcae.train.speed``) times the CAE training step in each setting, and the
+answer is kept per machine and image size in ``$CXRCAE_HOME/probe/``, which this module reads.
 
 Every command that runs a model resolves ``--device`` and ``--precision`` here, so "auto" means the same
 thing for training, evaluation, prediction and benchmarks.
@@ -15,29 +15,23 @@ import json
 import os
 import platform
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from platformdirs import user_cache_dir
 
 from cxrcae._atomic import atomic_write_text
 from cxrcae.errors import CxrcaeError
-from cxrcae.models.cae import ConvAutoencoder
+from cxrcae.paths import home_dir
 
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 PROBE_ENV = "CXRCAE_PROBE"
 """``CXRCAE_PROBE=off`` skips the speed probe: ``auto`` then means fp32 with channels_last."""
 PROBE_VERSION = 2  # 2: the CPU fast paths (cxrcae.models.cae) and the allocator changed the timings
 PROBE_SIZE = 128
-PROBE_BATCH = 4
-BF16_MARGIN = 1.15
-"""bf16 is chosen only where the probe measures it at least this much faster than the best fp32 layout."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -86,13 +80,7 @@ def bf16_supported(device: torch.device, image_size: int | None = None) -> bool:
     return False
 
 
-def home_dir() -> Path:
-    """``$CXRCAE_HOME``, else the platform's user cache dir for cxrcae (datasets, probe results)."""
-    env = os.environ.get("CXRCAE_HOME")
-    return Path(env).expanduser() if env else Path(user_cache_dir("cxrcae"))
-
-
-# ----------------------------------------------------------------------------------------------- speed probe
+# ----------------------------------------------------------------------------------------- speed probe cache
 
 
 def machine_key() -> str:
@@ -117,82 +105,52 @@ def machine_key() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _probe_model(channels_last: bool, image_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The paper's CAE at the run's image size, batch ``PROBE_BATCH``: every layer shape of the step."""
-    torch.manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = ConvAutoencoder().to(memory_format=fmt)
-    return net, torch.rand(PROBE_BATCH, 3, image_size, image_size).contiguous(memory_format=fmt)
+def probe_disabled() -> bool:
+    """``CXRCAE_PROBE=off`` (or 0/no/false)."""
+    return os.environ.get(PROBE_ENV, "").strip().lower() in ("0", "off", "no", "false")
 
 
-def _time_setting(
-    dtype: torch.dtype | None, channels_last: bool, image_size: int = PROBE_SIZE, reps: int = 3
-) -> float:
-    """Median seconds of one forward + backward + SGD step of the probe model."""
-    net, x = _probe_model(channels_last, image_size)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    times = []
-    for i in range(reps + 1):
-        start = time.perf_counter()
-        with autocast(torch.device("cpu"), dtype):
-            loss = F.mse_loss(net(x).float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms the kernels up
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def probe_file() -> Path:
+    """``$CXRCAE_HOME/probe/<machine>.json``: the probe's answers for this machine, by image size."""
+    return home_dir() / "probe" / f"{machine_key()}.json"
 
 
-def probe_cpu(
-    image_size: int = PROBE_SIZE, timer: Callable[[torch.dtype | None, bool, int], float] = _time_setting
-) -> dict[str, Any]:
-    """Time the CAE training step in fp32 (NCHW and NHWC) and, where oneDNN has bf16, in bf16 (NHWC);
-    return the fastest fp32 layout and whether bf16 beats it by ``BF16_MARGIN``. Takes a few seconds."""
-    settings = {"fp32:nchw": (None, False), "fp32:nhwc": (None, True)}
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        settings["bf16:nhwc"] = (torch.bfloat16, True)
-    seconds = {name: timer(*setting, image_size) for name, setting in settings.items()}
-    fp32 = min(("fp32:nchw", "fp32:nhwc"), key=seconds.__getitem__)
-    bf16 = "bf16:nhwc" in seconds and seconds[fp32] / seconds["bf16:nhwc"] >= BF16_MARGIN
-    return {
-        "version": PROBE_VERSION,
-        "image_size": int(image_size),
-        "seconds": seconds,
-        "precision": "bf16" if bf16 else "fp32",
-        "channels_last": True if bf16 else fp32 == "fp32:nhwc",
-        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+def measured_choices() -> dict[str, dict[str, Any]]:
+    """The answers measured on this machine by the current probe version, keyed by image size (as text)."""
+    try:
+        known = json.loads(probe_file().read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict) and v.get("version") == PROBE_VERSION}
+
+
+def save_choice(image_size: int, result: dict[str, Any]) -> None:
+    """Add the probe's answer at ``image_size`` to this machine's file (a read-only home only means
+    measuring again next time)."""
+    answers = {**measured_choices(), str(int(image_size)): result}
+    try:
+        atomic_write_text(probe_file(), json.dumps(answers, indent=1) + "\n")
+    except OSError:
+        pass
 
 
 def cpu_choice(image_size: int | None = None) -> dict[str, Any]:
-    """The probe's answer for this machine at ``image_size`` (the best layout changes with the size): read
-    from ``$CXRCAE_HOME/probe/<machine>.json``, measured and saved on first use (a few seconds at 224 px).
-
-    Without ``image_size`` (inference: predict, embed, evaluate) nothing is measured, since the probe times
-    a training step: a measurement a training run already made is reused, else fp32.
+    """What the speed probe (``cxrcae.train.speed``) measured on this machine: the answer at ``image_size``
+    when that size was measured (the best layout changes with the size), else the nearest measured size
+    (``PROBE_SIZE`` without a size), else fp32 with channels_last. Nothing is measured here: training
+    measures its size first (``cxrcae.train.speed.measure_cpu``), inference reuses what training measured.
     ``CXRCAE_PROBE=off`` skips it (fp32, channels_last)."""
     default = {"precision": "fp32", "channels_last": True}
-    if os.environ.get(PROBE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if probe_disabled():
         return {**default, "source": "default (CXRCAE_PROBE=off)"}
-    path = home_dir() / "probe" / f"{machine_key()}.json"
-    try:
-        known = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    known = {k: v for k, v in known.items() if isinstance(v, dict) and v.get("version") == PROBE_VERSION}
-    if image_size is None:
-        sizes = sorted(known, key=lambda k: abs(int(k) - PROBE_SIZE))
-        return {**known[sizes[0]], "source": str(path)} if sizes else {**default, "source": "default"}
-    size = int(image_size)
-    if str(size) in known:
-        return {**known[str(size)], "source": str(path)}
-    result = probe_cpu(size)
-    try:
-        atomic_write_text(path, json.dumps({**known, str(size): result}, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only home only means probing again next time
-    return {**result, "source": "measured now"}
+    known = measured_choices()
+    target = PROBE_SIZE if image_size is None else int(image_size)
+    sizes = sorted(known, key=lambda k: abs(int(k) - target))
+    if not sizes:
+        return {**default, "source": "default"}
+    return {**known[sizes[0]], "source": str(probe_file())}
 
 
 def resolve_channels_last(

@@ -1,13 +1,13 @@
 """The torch ``Dataset`` over records, and the one way a bad file becomes a row instead of a crash.
 
 Every image goes through ``cxrcae.io.load_for_model``. ``SafeDataset`` wraps a dataset (``XrayDataset`` for
-training, the path list of ``cxrcae.infer.batches.iter_batches`` for inference) so that an item that cannot
+training, the path list of ``cxrcae.data.stream.iter_batches`` for inference) so that an item that cannot
 be read comes back as an ``Unreadable`` marker (index, path, one-line reason from ``failure_reason``);
 ``collate_with_errors`` stacks the readable images of a batch and lists the unreadable ones. Training and
 inference share both, so a file is unreadable for the same reason, in the same words, everywhere.
 
-This is the only module of ``cxrcae.data`` that imports torch, so reading and splitting manifests stays
-light enough for the CLI.
+This module and ``stream`` are the only ones of ``cxrcae.data`` that import torch (and the package loads
+neither until asked), so reading and splitting manifests stays light enough for the CLI.
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
 """Judging a classifier: metrics with bootstrap intervals, temperature calibration, figures and the HTML
-report, and Grad-CAM heat maps. ``evaluation.evaluate`` is the entry point (``cxrcae.evaluate``)."""
+report. ``evaluation.evaluate`` is the entry point (``cxrcae.evaluate``)."""

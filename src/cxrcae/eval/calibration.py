@@ -22,20 +22,12 @@ from cxrcae.data.records import check_labels
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
-from cxrcae.metrics import expected_calibration_error
+from cxrcae.metrics import expected_calibration_error, softmax
 from cxrcae.models.checkpoint import CONFIG_NAME, read_config
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import resolve_device, resolve_precision
 
 MIN_T, MAX_T = 0.05, 20.0
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable softmax of ``logits / temperature`` along the last axis."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -61,18 +53,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         options={"xatol": 1e-6},
     )
     return float(np.exp(fit.x))
-
-
-def model_temperature(config: dict[str, Any]) -> float:
-    """The temperature a checkpoint asks for (1.0 when never calibrated)."""
-    value = config.get("temperature", 1.0)
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json temperature must be a number, got {value!r}") from None
-    if not (t > 0 and np.isfinite(t)):
-        raise CheckpointError(f"config.json temperature must be a positive number, got {value!r}")
-    return t
 
 
 def store_temperature(model_dir: str | Path, temperature: float, info: dict[str, Any]) -> Path:

@@ -38,7 +38,7 @@ from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import Record, check_labels, select_records
 from cxrcae.errors import DataError
 from cxrcae.eval import report
-from cxrcae.eval.calibration import fit_and_store, model_temperature, softmax
+from cxrcae.eval.calibration import fit_and_store
 from cxrcae.eval.report import fmt_ci, write_html
 from cxrcae.eval.subgroups import (
     FEW_CLASS_N,
@@ -52,7 +52,8 @@ from cxrcae.eval.subgroups import (
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
 from cxrcae.io import hash_files
-from cxrcae.metrics import expected_calibration_error, full_report
+from cxrcae.metrics import expected_calibration_error, full_report, softmax
+from cxrcae.models.checkpoint import model_temperature
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
 

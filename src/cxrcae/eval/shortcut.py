@@ -40,9 +40,9 @@ from sklearn.preprocessing import StandardScaler
 
 from cxrcae import bundled
 from cxrcae.data.records import Record
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.hub.resolve import load_encoder, resolve_checkpoint
-from cxrcae.infer.batches import iter_batches
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import resolve_device
 

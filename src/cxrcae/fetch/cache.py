@@ -25,7 +25,7 @@ from typing import Any
 
 from cxrcae._atomic import atomic_open
 from cxrcae.errors import DataError
-from cxrcae.runtime import home_dir
+from cxrcae.paths import home_dir
 
 INDEX_VERSION = 1
 

@@ -1,7 +1,8 @@
 """Sharing checkpoints: resolve a folder or Hub id, push/pull through the Hub, and the model card.
 
 ``resolve`` (folder or ``user/repo[@rev]``, loading) <- ``transfer`` (push as one commit, strict pull)
-<- ``card`` is used by both the Hub upload and every saved run (``best/README.md``).
+<- ``card`` is used by both the Hub upload and every saved run (``best/README.md``). ``keras`` turns the
+authors' Keras .h5 files into such folders (weights, config.json and card), read back once as a user would.
 """
 
 from __future__ import annotations

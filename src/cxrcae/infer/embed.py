@@ -1,6 +1,6 @@
 """Encoder features for many files, streamed to .npy, .safetensors or .parquet with a row index beside them.
 
-Memory stays flat: images are decoded by ``cxrcae.infer.batches.iter_batches`` and each batch of features is
+Memory stays flat: images are decoded by ``cxrcae.data.stream.iter_batches`` and each batch of features is
 appended to the output as it is computed. Files that cannot be read become ``error`` rows of the sidecar
 index CSV (``<output stem>.index.csv``: index, path, status, reason, row) and the run goes on; ``row`` is the
 feature row of each ``ok`` file. Outputs are written under a temporary name and renamed when complete.

@@ -35,12 +35,12 @@ from torch import nn
 
 from cxrcae import __version__, bundled
 from cxrcae._atomic import atomic_write_bytes
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError
-from cxrcae.eval.calibration import model_temperature
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
-from cxrcae.infer.batches import iter_batches, load_for_inference
+from cxrcae.infer.batches import load_for_inference
 from cxrcae.io import find_images
-from cxrcae.models.checkpoint import DEFAULT_PREPROCESSING, WEIGHTS_NAME, read_config
+from cxrcae.models.checkpoint import DEFAULT_PREPROCESSING, WEIGHTS_NAME, model_temperature, read_config
 from cxrcae.progress import ProgressFn, no_progress
 
 try:  # optional: the [onnx] extra

@@ -36,15 +36,15 @@ from torch import nn
 from cxrcae import bundled
 from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError
-from cxrcae.eval.calibration import model_temperature
-from cxrcae.eval.explain import GradCAM, save_overlay
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.batches import UniqueNames, load_for_inference
+from cxrcae.infer.explain import GradCAM, save_overlay
 from cxrcae.infer.onnx import onnx_classifier, require_onnxruntime
 from cxrcae.infer.ood import UNCERTAIN, Screen
 from cxrcae.infer.quantize import int8_classifier
 from cxrcae.infer.workers import WorkerPlan, threads_beside
 from cxrcae.io import find_images
+from cxrcae.models.checkpoint import model_temperature
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
 

@@ -38,9 +38,8 @@ import torch
 
 from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 from cxrcae.data.records import load_records
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError
-from cxrcae.eval.calibration import model_temperature
-from cxrcae.infer.batches import iter_batches
 from cxrcae.infer.onnx import (
     DEFAULT_OPSET,
     HAVE_ONNX,
@@ -59,8 +58,9 @@ from cxrcae.infer.onnx import (
     weights_sha256,
 )
 from cxrcae.io import find_images
+from cxrcae.models.checkpoint import model_temperature
+from cxrcae.paths import home_dir
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import home_dir
 
 try:  # optional: the [onnx] extra
     import onnx

@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cxrcae._atomic import atomic_open, atomic_write_bytes
-from cxrcae.infer.batches import UniqueNames, iter_batches, load_for_inference
+from cxrcae.data.stream import iter_batches
+from cxrcae.infer.batches import UniqueNames, load_for_inference
 from cxrcae.infer.prediction import collect_inputs
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import resolve_device

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cxrcae.infer.batches import Batch, iter_batches
+from cxrcae.data.stream import Batch, iter_batches
 
 MAX_WORKERS = 4
 OVERLAP_EFFICIENCY = 0.85

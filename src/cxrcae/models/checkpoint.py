@@ -178,6 +178,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
+def model_temperature(config: dict[str, Any]) -> float:
+    """The temperature a checkpoint asks for (1.0 when never calibrated)."""
+    value = config.get("temperature", 1.0)
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json temperature must be a number, got {value!r}") from None
+    if not (t > 0 and math.isfinite(t)):
+        raise CheckpointError(f"config.json temperature must be a positive number, got {value!r}")
+    return t
+
+
 def _fail(where: Path, field: str, problem: str, value: Any) -> CheckpointError:
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."

@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from cxrcae.eval.explain import overlay
+from cxrcae.infer.explain import overlay
 
 PREVIEW_SIZE = 512
 
@@ -54,7 +54,7 @@ def cam_on_image(cam: np.ndarray, image_shape: tuple[int, int], mode: str) -> np
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, mode: str) -> str:
-    """The Grad-CAM overlay (``cxrcae.eval.explain.overlay``) on ``image``, as base64 PNG."""
+    """The Grad-CAM overlay (``cxrcae.infer.explain.overlay``) on ``image``, as base64 PNG."""
     return png_base64(overlay(image, cam_on_image(cam, image.shape, mode)))
 
 

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CxrcaeError, ImageLoadError
-from cxrcae.eval.explain import DEFAULT_LAYER, GradCAM
 from cxrcae.hub.resolve import download_commit, in_hub_cache, load_model, parse_repo_ref
-from cxrcae.infer.batches import iter_batches, load_for_inference
+from cxrcae.infer.batches import load_for_inference
+from cxrcae.infer.explain import DEFAULT_LAYER, GradCAM
 from cxrcae.infer.ood import Screen
 from cxrcae.infer.prediction import Prediction, iter_predictions, model_folder
 from cxrcae.io import load_for_model, load_xray, resize_xray

@@ -22,8 +22,9 @@ from cxrcae.data.dataset import XrayDataset
 from cxrcae.data.records import Record, class_names
 from cxrcae.errors import CheckpointError, DataError
 from cxrcae.io.decoded import DecodedCache
-from cxrcae.metrics import classification_metrics
+from cxrcae.metrics import classification_metrics, softmax
 from cxrcae.models.cae import CAEEncoder
+from cxrcae.models.checkpoint import model_temperature
 from cxrcae.models.classifier import CXRClassifier
 from cxrcae.models.heads import HEADS, build_head
 from cxrcae.tasks.base import (
@@ -38,26 +39,6 @@ from cxrcae.tasks.base import (
 )
 
 MAX_CLASSES = 1000
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable softmax of ``logits / temperature`` along the last axis."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def model_temperature(config: dict[str, Any]) -> float:
-    """The temperature a checkpoint asks for (1.0 when never calibrated)."""
-    value = config.get("temperature", 1.0)
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json temperature must be a number, got {value!r}") from None
-    if not (t > 0 and np.isfinite(t)):
-        raise CheckpointError(f"config.json temperature must be a positive number, got {value!r}")
-    return t
 
 
 class Classification(Objective):

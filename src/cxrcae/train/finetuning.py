@@ -30,15 +30,9 @@ from torch import nn
 from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models.checkpoint import load_state_strict
+from cxrcae.paths import home_dir
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import (
-    home_dir,
-    precision_name,
-    reproducible,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from cxrcae.runtime import precision_name, reproducible, resolve_device
 from cxrcae.tasks import get_task
 from cxrcae.train import distributed
 from cxrcae.train.config import ENCODER_BLOCKS, FinetuneConfig, expand_stages
@@ -61,6 +55,7 @@ from cxrcae.train.engine import (
 )
 from cxrcae.train.guard import guard_after_finetune
 from cxrcae.train.plots import loss_curves
+from cxrcae.train.speed import training_precision
 
 KIND = "finetune"
 
@@ -126,8 +121,8 @@ def run_finetune(
     }
 
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
-    dtype = resolve_precision(cfg.precision, device, cfg.image_size)
-    rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
+    dtype, channels_last = training_precision(cfg.precision, cfg.channels_last, device, cfg.image_size)
+    rt = Runtime(device, dtype, channels_last)
     model = task.build(network)
     notes: list[str] = []
     if resume is None and cfg.encoder:

@@ -37,9 +37,9 @@ from torch import nn
 from cxrcae import bundled
 from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import Record
+from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
 from cxrcae.hub.resolve import encoder_state, in_hub_cache, load_checkpoint, resolve_checkpoint
-from cxrcae.infer.batches import iter_batches
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.checkpoint import load_state_strict, read_config
 from cxrcae.models.guard import load_guard, reconstruction_scores, save_guard

@@ -21,16 +21,9 @@ from cxrcae.data import XrayDataset
 from cxrcae.errors import ImageLoadError
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder
+from cxrcae.paths import home_dir
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import (
-    autocast,
-    home_dir,
-    precision_name,
-    reproducible,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from cxrcae.runtime import autocast, precision_name, reproducible, resolve_device
 from cxrcae.tasks import get_task
 from cxrcae.train import distributed
 from cxrcae.train.config import PretrainConfig
@@ -47,6 +40,7 @@ from cxrcae.train.engine import (
     train_result,
 )
 from cxrcae.train.plots import loss_curves, reconstruction_grid
+from cxrcae.train.speed import training_precision
 
 KIND = "pretrain"
 
@@ -76,8 +70,8 @@ def run_pretrain(
     """Build the model and datasets for ``tdata`` and run (or continue) the epoch loop."""
 
     device = distributed.local_device(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
-    dtype = resolve_precision(cfg.precision, device, cfg.image_size)
-    rt = Runtime(device, dtype, resolve_channels_last(cfg.channels_last, device, cfg.image_size))
+    dtype, channels_last = training_precision(cfg.precision, cfg.channels_last, device, cfg.image_size)
+    rt = Runtime(device, dtype, channels_last)
     model = rt.prepare(ConvAutoencoder(CAEEncoder(), CAEDecoder()))
 
     decoded = DecodedCache(home_dir() / "decoded") if cfg.cache_decoded else None

@@ -42,7 +42,7 @@ def import_keras_command(
     Weights are read with h5py and re-laid out for PyTorch (conv HWIO->OIHW, transposed conv, LSTM gates,
     Dense); the result loads strictly like any cxrcae checkpoint and gets a model card.
     """
-    from cxrcae.models.keras import import_keras
+    from cxrcae.hub.keras import import_keras
 
     names = [n.strip() for n in class_names.split(",") if n.strip()] if class_names else None
     result = import_keras(file, out, class_names=names, image_size=image_size, resize_mode=resize_mode)
