@@ -37,6 +37,7 @@ API_MODULES = (
     ("cxrcae.io", "cxrcae.io: images"),
     ("cxrcae.data", "cxrcae.data: records and splits"),
     ("cxrcae.models", "cxrcae.models: networks"),
+    ("cxrcae.tasks", "cxrcae.tasks: the task registry"),
     ("cxrcae.hub", "cxrcae.hub: checkpoints and the Hub"),
     ("cxrcae.train", "cxrcae.train: training"),
     ("cxrcae.metrics", "cxrcae.metrics"),
@@ -58,6 +59,7 @@ INTERNAL = {
     "runtime": "device, precision and determinism helpers",
     "locking": "one writer per run folder or output",
     "progress": "the progress callback type",
+    "paths": "where cxrcae keeps its caches ($CXRCAE_HOME)",
 }
 
 _GENERATED_NOTE = (

@@ -13,6 +13,11 @@ by the checkpoint's config.json (``task``; older checkpoints have only ``kind`` 
   per-label probabilities, masks), calibration included;
 - ``metric_names``: the validation metrics it reports each epoch (the training table shows them);
 - ``card_summary(config)``: the sentence the model card says about what the model predicts;
+- for evaluation (``cxrcae evaluate``): ``targets`` (what the records say the answer is, as an array
+  aligned with the outputs), ``score`` (metrics.json's body, with patient-bootstrap CIs), ``metric_rows``
+  (the table a user reads) and ``evaluation_files`` (plots or overlays beside metrics.json);
+- for prediction (``cxrcae predict``): ``prediction_columns`` / ``prediction_row`` (the CSV row of one
+  image) and ``prediction_files`` (files written per image, e.g. masks and overlays);
 - for fine-tuning on labelled data (``cxrcae finetune --task NAME``): ``target_fields`` (what the training
   records say the outputs are, e.g. ``class_names``, checked against validation), ``dataset`` (items whose
   ``"label"`` is this task's target: a class index, a 0/1 vector, masks), ``weighting`` (``--balance``) and
@@ -123,6 +128,66 @@ class Task:
 
     def card_summary(self, config: dict[str, Any]) -> str:
         return self.description
+
+    # ------------------------------------------------------------------------------ evaluation
+
+    def targets(self, records: Sequence[Record], config: dict[str, Any]) -> np.ndarray:
+        """The answers for ``records`` as an array whose first axis is the record, aligned with
+        ``probabilities`` of the same images (class indices, 0/1 matrices, masks at the model's size).
+        A record without a usable answer raises a one-line ``DataError`` naming its file or column."""
+        raise DataError(f"task {self.name!r} has no labelled evaluation")
+
+    def score(
+        self,
+        probabilities: np.ndarray,
+        targets: np.ndarray,
+        groups: Sequence[str],
+        config: dict[str, Any],
+        *,
+        n_boot: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """metrics.json's body for these images: point estimates with 95% CIs from a bootstrap over
+        ``groups`` (patient ids, so one patient's images are resampled together)."""
+        raise DataError(f"task {self.name!r} has no labelled evaluation")
+
+    def metric_rows(self, metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+        """(headers, rows) of the table ``evaluate`` prints; readable at 80 columns."""
+        return ["metric", "value"], [[k, str(v)] for k, v in metrics.items() if not isinstance(v, dict)]
+
+    def evaluation_files(
+        self,
+        out_dir: Path,
+        paths: Sequence[str],
+        probabilities: np.ndarray,
+        targets: np.ndarray,
+        metrics: dict[str, Any],
+        config: dict[str, Any],
+    ) -> dict[str, Path]:
+        """Extra files beside metrics.json (plots, best/worst overlays), written atomically; name -> path."""
+        return {}
+
+    # ------------------------------------------------------------------------------ prediction
+
+    def prediction_columns(self, config: dict[str, Any]) -> list[str]:
+        """The CSV columns ``prediction_row`` fills, after ``file`` and ``status``."""
+        return []
+
+    def prediction_row(self, probabilities: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
+        """One image's CSV columns from its ``probabilities`` (this task's output for that image)."""
+        return {}
+
+    def prediction_files(
+        self,
+        out_dir: Path,
+        name: str,
+        image: np.ndarray,
+        probabilities: np.ndarray,
+        config: dict[str, Any],
+    ) -> dict[str, str]:
+        """Files written for one image into ``out_dir`` (``name`` is unique per input, no extension),
+        e.g. a mask PNG per structure and an overlay; column name -> path, added to its CSV row."""
+        return {}
 
     # ------------------------------------------------------------------------------ fine-tuning on labels
 
