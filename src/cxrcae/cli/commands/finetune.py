@@ -15,9 +15,11 @@ from cxrcae.cli.commands._training import (
     ChannelsLastOpt,
     ImageSizeOpt,
     LimitBatchesOpt,
+    OptimizerOpt,
     OutOpt,
     ResumeOpt,
     TrainWorkersOpt,
+    WeightDecayOpt,
     config_from_options,
     render_result,
     require_data_and_out,
@@ -64,6 +66,8 @@ def finetune_command(
     lr_unfrozen: Annotated[
         float, typer.Option("--lr-unfrozen", help="Adam learning rate of stages that train encoder layers.")
     ] = 1e-5,
+    optimizer: OptimizerOpt = "adam",
+    weight_decay: WeightDecayOpt = 0.0,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Early stopping per stage: epochs without improvement.")
     ] = 5,
