@@ -116,6 +116,11 @@ class Task:
     def build(self, config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
+    def example(self, image_size: int = 32) -> tuple[dict[str, Any], torch.Tensor]:
+        """A small valid config.json body and a batch of two targets for it: what the registry's tests
+        build, train one step and round-trip for every task (timm's tests do the same per model)."""
+        raise NotImplementedError
+
     def validate_config(self, config: dict[str, Any], where: str | Path) -> None:
         """Task-specific fields of config.json (the common ones are checked by ``models.checkpoint``)."""
 
