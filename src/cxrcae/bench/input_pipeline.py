@@ -13,7 +13,7 @@ import torch
 
 from cxrcae.bench.flops import train_flops
 from cxrcae.bench.timing import device_sync
-from cxrcae.bench.training import DEFAULT_SETTINGS
+from cxrcae.bench.training import DEFAULT_SETTINGS, setting_row
 from cxrcae.bench.workloads import train_model, training_objective, training_optimizer
 from cxrcae.data import XrayDataset
 from cxrcae.errors import CxrcaeError
@@ -67,15 +67,8 @@ def bench_pipeline(
     with tempfile.TemporaryDirectory(prefix="cxrcae-bench-") as tmp:
         records = pretrain_data(data, Path(tmp), PretrainConfig.val_fraction, seed).train
         for precision, channels_last in settings:
-            row: dict[str, Any] = {
-                "task": PIPELINE_TASK,
-                "precision": precision,
-                "channels_last": channels_last,
-                "image_size": image_size,
-                "batch_size": batch_size,
-                "device": str(dev),
-                "num_workers": num_workers,
-            }
+            row = setting_row(PIPELINE_TASK, precision, channels_last, image_size, batch_size, dev)
+            row["num_workers"] = num_workers
             try:
                 dtype = resolve_precision(precision, dev)
             except CxrcaeError as exc:

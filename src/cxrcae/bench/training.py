@@ -58,15 +58,8 @@ def bench_train_step(
     keep_freed_memory()  # as the training commands do (cxrcae.allocator); CXRCAE_ALLOCATOR=system: without
     rows: list[dict[str, Any]] = []
     for precision, channels_last in settings:
-        row: dict[str, Any] = {
-            "task": task,
-            "precision": precision,
-            "channels_last": channels_last,
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "device": str(dev),
-            "allocator": allocator_status(),
-        }
+        row = setting_row(task, precision, channels_last, image_size, batch_size, dev)
+        row["allocator"] = allocator_status()
         try:
             dtype = resolve_precision(precision, dev)
         except CxrcaeError as exc:
@@ -99,6 +92,20 @@ def bench_train_step(
         if "images_per_s" in r and base:
             r["speedup"] = r["images_per_s"] / base
     return rows
+
+
+def setting_row(
+    task: str, precision: str, channels_last: bool, image_size: int, batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    """The fields that name one measured setting (training and input-pipeline rows)."""
+    return {
+        "task": task,
+        "precision": precision,
+        "channels_last": channels_last,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": str(device),
+    }
 
 
 def _time_train_step(
