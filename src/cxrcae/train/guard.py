@@ -38,7 +38,12 @@ from cxrcae import bundled
 from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import Record
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
-from cxrcae.hub.resolve import in_hub_cache, load_checkpoint, resolve_checkpoint
+from cxrcae.hub.resolve import (
+    in_hub_cache,
+    load_checkpoint,
+    resolve_checkpoint,
+    resolve_encoder_checkpoint,
+)
 from cxrcae.infer.batches import iter_batches
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict, read_config
@@ -317,7 +322,7 @@ def guard_autoencoder(
 def _autoencoder_from(
     ref: str | Path, expect_sha: str | None = None
 ) -> tuple[ConvAutoencoder, bool, dict[str, Any]] | None:
-    folder = resolve_checkpoint(ref)
+    folder = resolve_encoder_checkpoint(ref)  # "bundled": the shipped encoder
     config = read_config(folder)
     kind = config.get("kind")
     if expect_sha and config.get("weights_sha256") != expect_sha:
