@@ -23,7 +23,7 @@ from cxrcae.eval.probe import _fraction_mask, encode_records, fit_probe, probe_d
 from cxrcae.hub.encoders import cae_encoder_ref, resolve_encoder
 from cxrcae.hub.resolve import load_encoder
 
-FAST = ["--image-size", "64", "--bootstrap", "200", "--batch-size", "16"]
+FAST = ["--image-size", "32", "--bootstrap", "200", "--batch-size", "32"]
 needs_bundled = pytest.mark.skipif(bundled.bundled_encoder() is None, reason="build without bundled weights")
 
 
@@ -168,27 +168,31 @@ def test_probe_errors_are_one_line(cli, knee_findings_manifest, knee_folder, tmp
     assert res.exit_code == 1 and "timm has no model" in res.output
 
 
-def test_fractions_are_nested_and_share_features(knee_findings_manifest):
-    """The benchmark's way: encode once, fit per fraction; smaller train sets lie inside larger ones."""
+@pytest.fixture(scope="module")
+def knee_findings_encoded(knee_findings_manifest):
+    """The benchmark's way: the data read and split, and every image encoded, once."""
     pdata = probe_data(knee_findings_manifest, LabelSource(column="finding", sep="/"), seed=0)
+    return pdata, encode_records(resolve_encoder("random"), [r.path for r in pdata.records], image_size=32)
+
+
+def test_fractions_are_nested_and_share_features(knee_findings_encoded):
+    """Fit per fraction on the same features; smaller train sets lie inside larger ones."""
+    pdata, feats = knee_findings_encoded
     masks = {f: _fraction_mask(pdata, f, seed=0) for f in (0.25, 0.5, 1.0)}
     assert masks[0.25].sum() < masks[0.5].sum() < masks[1.0].sum()
     assert not (masks[0.25] & ~masks[0.5]).any() and not (masks[0.5] & ~masks[1.0]).any()
     val_test = pdata.split_of() != "train"
     assert masks[0.25][val_test].all()  # val and test are never thinned
-    enc = resolve_encoder("random")
-    feats = encode_records(enc, [r.path for r in pdata.records], image_size=32, batch_size=64)
     small = fit_probe(pdata, feats, fraction=0.5, n_bootstrap=0)
     full = fit_probe(pdata, feats, fraction=1.0, n_bootstrap=0)
     assert small.counts["train"] < full.counts["train"] and small.counts["test"] == full.counts["test"]
     assert "ci" not in full.metrics and np.isfinite(full.test_probs).all()
 
 
-def test_probe_table_fits_80_columns(knee_findings_manifest, monkeypatch):
+def test_probe_table_fits_80_columns(knee_findings_encoded, monkeypatch):
     from cxrcae.cli.commands import probe as command
 
-    pdata = probe_data(knee_findings_manifest, LabelSource(column="finding", sep="/"), seed=0)
-    feats = encode_records(resolve_encoder("random"), [r.path for r in pdata.records], image_size=32)
+    pdata, feats = knee_findings_encoded
     result = fit_probe(pdata, feats, n_bootstrap=50)
     narrow = Console(width=80, record=True, force_terminal=False)
     monkeypatch.setattr(command, "console", narrow)

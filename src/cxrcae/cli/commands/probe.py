@@ -93,11 +93,13 @@ def probe_command(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """How well do an encoder's frozen features predict your labels? Global-average-pooled features and
-    logistic regression, its C chosen on the validation split; test metrics with patient-bootstrap 95% CIs.
+    """How well do an encoder's frozen features predict your labels? A linear probe answers in minutes.
 
-    Single-label data gives accuracy and per-class AUC/F1; multi-label data (--labels or --label-columns)
-    gives per-label AUC, average precision and F1 at thresholds chosen on validation, macro and micro.
+    Global-average-pooled features; logistic regression, its C chosen on the validation split.
+
+    Test metrics with patient-bootstrap 95% CIs. Single-label: accuracy, per-class AUC and F1.
+
+    Multi-label (--labels, --label-columns): per-label AUC, AP and F1 at thresholds chosen on val.
     """
     from cxrcae.cli.common import print_json, progress_bar
     from cxrcae.data.labels import LabelSource
