@@ -9,6 +9,10 @@ that config.json describes holds), config.json is validated before the weights a
 that has only pickled weights is refused without downloading them. Hub settings (``HF_ENDPOINT``,
 ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) are huggingface_hub's own, read from
 ``huggingface_hub.constants``; nothing here re-derives them.
+
+Where an encoder is wanted (``load_encoder``, ``encoder_state``, finetune's ``--encoder``), ``bundled`` names
+the encoder shipped in the package (``resolve_encoder_checkpoint``); ``cxrcae.hub.encoders`` adds ``random``
+and timm models on top.
 """
 
 from __future__ import annotations
@@ -221,6 +225,17 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
+BUNDLED_ENCODER = "bundled"
+"""The encoder name that means the one shipped in the package (unless a folder of that name exists)."""
+
+
+def resolve_encoder_checkpoint(ref: str | Path) -> Path:
+    """``resolve_checkpoint`` for a model whose encoder is wanted: ``bundled`` names the shipped encoder."""
+    if str(ref) == BUNDLED_ENCODER and not Path(ref).exists():
+        return bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
+    return resolve_checkpoint(ref)
+
+
 def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config).
 
@@ -278,17 +293,17 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module
 
 
 def encoder_state(ref: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The encoder's tensors (keys without the ``encoder.`` prefix) from any checkpoint kind."""
-    return encoder_state_of_folder(resolve_checkpoint(ref), build_model)
+    """The encoder's tensors (keys without ``encoder.``) from any checkpoint kind, or ``bundled``."""
+    return encoder_state_of_folder(resolve_encoder_checkpoint(ref), build_model)
 
 
 def load_encoder(
     ref: str | Path | None = None, pooled: bool = False, device: str | torch.device = "cpu"
 ) -> PretrainedEncoder:
     """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode;
-    without ``ref``, the X-ray-pretrained encoder shipped with the package."""
+    without ``ref`` (or with ``"bundled"``), the X-ray-pretrained encoder shipped with the package."""
     if ref is None:
-        ref = bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
+        ref = BUNDLED_ENCODER
     state, config = encoder_state(ref)
     encoder = PretrainedEncoder(config, pooled=pooled)
     load_state_strict(encoder, state, f"{ref} (encoder)")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
+from cxrcae.hub.resolve import encoder_state, resolve_encoder_checkpoint
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models.checkpoint import load_state_strict
 from cxrcae.paths import home_dir
@@ -82,7 +82,7 @@ def load_encoder_init(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     state, config = encoder_state(ref)
     provenance = {
         "ref": str(ref),
-        "resolved": str(resolve_checkpoint(ref)),
+        "resolved": str(resolve_encoder_checkpoint(ref)),
         "kind": config.get("kind"),
         "weights_sha256": config.get("weights_sha256"),
         "image_size": config.get("image_size"),

@@ -39,7 +39,13 @@ from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import Record
 from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
-from cxrcae.hub.resolve import encoder_state, in_hub_cache, load_checkpoint, resolve_checkpoint
+from cxrcae.hub.resolve import (
+    encoder_state,
+    in_hub_cache,
+    load_checkpoint,
+    resolve_checkpoint,
+    resolve_encoder_checkpoint,
+)
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.checkpoint import load_state_strict, read_config
 from cxrcae.models.guard import load_guard, reconstruction_scores, save_guard
@@ -317,7 +323,7 @@ def guard_autoencoder(
 def _autoencoder_from(
     ref: str | Path, expect_sha: str | None = None
 ) -> tuple[ConvAutoencoder, bool, dict[str, Any]] | None:
-    folder = resolve_checkpoint(ref)
+    folder = resolve_encoder_checkpoint(ref)  # "bundled": the shipped encoder
     config = read_config(folder)
     kind = config.get("kind")
     if expect_sha and config.get("weights_sha256") != expect_sha:
