@@ -32,9 +32,9 @@ from torch import nn
 
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError, CxrcaeError, add_note
-from cxrcae.hub.resolve import BUNDLED_ENCODER, resolve_encoder_checkpoint
+from cxrcae.hub.resolve import BUNDLED_ENCODER, encoder_state, resolve_encoder_checkpoint
 from cxrcae.models.cae import NUM_FEATURES, CAEEncoder
-from cxrcae.models.checkpoint import encoder_state_of_folder, load_state_strict
+from cxrcae.models.checkpoint import load_state_strict
 
 RANDOM = "random"
 TIMM_PREFIX = "timm:"
@@ -156,7 +156,7 @@ def _checkpoint_folder(ref: str) -> Path:
 
 def _checkpoint_encoder(ref: str) -> ResolvedEncoder:
     folder = _checkpoint_folder(ref)
-    state, config = encoder_state_of_folder(folder)
+    state, config = encoder_state(folder)
     in_chans = int(config.get("in_chans", 3))
     encoder = CAEEncoder(in_chans)
     load_state_strict(encoder, state, f"{ref} (encoder)")

@@ -245,7 +245,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     config = read_config(folder)
     if task_name(config) is not None:
         task_of(config, folder / CONFIG_NAME)
-    return load_folder(folder, device, build_model)
+    return load_folder(folder, build_model, device)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from cxrcae import __version__
 from cxrcae._atomic import atomic_write_many
 from cxrcae.errors import CheckpointError
 from cxrcae.io.resize import RESIZE_MODES
-from cxrcae.models.factory import ARCHITECTURE, build_model
+from cxrcae.models.factory import ARCHITECTURE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -261,13 +261,11 @@ def validate_config(cfg: dict[str, Any], where: str | Path = CONFIG_NAME) -> Non
 
 
 Builder = Callable[[dict[str, Any]], nn.Module]
-"""Rebuilds a model from its config.json: ``cxrcae.tasks.build_model`` for any task; this module's default
-knows only the bare encoder (``models.factory``)."""
+"""Rebuilds a model from its config.json: ``cxrcae.tasks.build_model``, which knows every task's network
+(this layer does not: tasks sit above it)."""
 
 
-def expected_tensors(
-    config: dict[str, Any], build: Builder = build_model
-) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_tensors(config: dict[str, Any], build: Builder) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, safetensors dtype) of every tensor the model of ``config`` holds (built on the
     meta device: no memory is allocated, whatever size the config asks for)."""
     with torch.device("meta"):
@@ -399,7 +397,7 @@ def _few(items: list[str], n: int = 5) -> str:
 
 
 def load_folder(
-    folder: str | Path, device: str | torch.device = "cpu", build: Builder = build_model
+    folder: str | Path, build: Builder, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a local checkpoint folder from config.json, weights loaded strictly."""
     folder = Path(folder)
@@ -411,7 +409,7 @@ def load_folder(
 
 
 def encoder_state_of_folder(
-    folder: str | Path, build: Builder = build_model
+    folder: str | Path, build: Builder
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The encoder's tensors (keys without the ``encoder.`` prefix) from a local folder of any kind."""
     folder = Path(folder)
