@@ -173,3 +173,34 @@ def check_train_labels(
         )
     if problems:
         raise DataError(f"{data}: label {'; '.join(problems)}; drop it or re-split")
+
+
+def targets_for(
+    records: Sequence[Record], source: LabelSource, names: Sequence[str], where: str | Path
+) -> MultiLabels:
+    """The 0/1 targets of ``records`` in the fixed label order ``names`` (a model's), unlabelled records
+    left out: what a trained multi-label model is fitted, validated and scored against. A name the records
+    use that ``names`` lacks is a one-line error (the model cannot score it)."""
+    if source.column is not None:
+        found = _from_names(records, source.column, source.sep)
+    else:
+        found = _from_columns(records, source.columns, where)
+    unknown = sorted(set(found.names) - set(names))
+    if unknown:
+        raise DataError(
+            f"{where}: label(s) {', '.join(map(repr, unknown[:_SHOW]))} are not among the model's labels "
+            f"({', '.join(names)})"
+        )
+    index = [found.names.index(n) if n in found.names else -1 for n in names]
+    targets = np.zeros((len(found.records), len(names)), dtype=np.uint8)
+    for j, i in enumerate(index):
+        if i >= 0:
+            targets[:, j] = found.targets[:, i]
+    return MultiLabels(found.records, targets, tuple(names), found.unlabelled)
+
+
+def label_source(described: dict[str, Any]) -> LabelSource:
+    """A ``LabelSource`` back from its ``describe()`` (as config.json stores it)."""
+    if described.get("column"):
+        return LabelSource(column=str(described["column"]), sep=str(described.get("sep") or DEFAULT_SEP))
+    return LabelSource(columns=tuple(described.get("columns") or ()))

@@ -73,6 +73,11 @@ class Objective:
     def epoch_metrics(self, stats: EpochOutputs) -> dict[str, Any]:
         return {}
 
+    def epoch_fields(self) -> dict[str, Any]:
+        """config.json fields chosen on this epoch's validation (e.g. per-label thresholds); the best
+        epoch's are saved with its weights. Called after ``epoch_metrics``."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         return {}
 

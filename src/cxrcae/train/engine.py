@@ -340,6 +340,7 @@ class FitOutcome:
             "best_val_loss": self.best.get("val_loss"),
             "best_metrics": self.best.get("metrics", {}),
             "stages_run": self.stages,
+            "best_fields": self.best.get("fields", {}),
             "skipped_files": len(set(self.skipped)),
         }
 
@@ -483,6 +484,9 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
                 best_state = _clone_state(model)
                 metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                 best = {"epoch": epoch, "stage": plan.name, "val_loss": val.loss, "metrics": metrics}
+                fields = run.objective.epoch_fields()  # what the task learned on this validation
+                if fields:
+                    best["fields"] = fields
                 stage_log[-1]["best_epoch"] = epoch
             if not world.main:
                 continue  # the other processes hold the same weights and write nothing

@@ -162,8 +162,10 @@ def run_finetune(
 
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         best = summary.get("best_metrics", {})
+        learned = summary.get("best_fields") or {}  # e.g. thresholds chosen on validation at the best epoch
         return {
             **network,
+            **learned,
             "training": {
                 "task": KIND,
                 "objective": objective.name + ("_class_weighted" if weight is not None else ""),
