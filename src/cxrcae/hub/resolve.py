@@ -40,16 +40,18 @@ from cxrcae.models.checkpoint import (
     CARD_NAME,
     CONFIG_MAX_BYTES,
     CONFIG_NAME,
+    GUARD_BLOCK,
+    GUARD_NAME,
     WEIGHTS_NAME,
     encoder_state_of_folder,
     expected_tensors,
+    guard_tensors,
     load_folder,
     load_state_strict,
     max_weights_bytes,
     read_config,
 )
 from cxrcae.models.encoder import PretrainedEncoder
-from cxrcae.models.guard import GUARD_NAME
 from cxrcae.tasks import Task, build_model, task_name, task_of
 
 try:  # the HTTP client huggingface_hub >= 1.0 uses
@@ -161,10 +163,9 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
             fetch(CARD_NAME, commit, CONFIG_MAX_BYTES)
         except EntryNotFoundError:
             pass  # a card is welcome, not required
-        if "ood" in (config := read_config(folder)):  # its OOD guard (cxrcae.models.guard), checked on load
-            guard_config = {"kind": "autoencoder", "in_chans": config.get("in_chans", 3)}
+        if GUARD_BLOCK in (config := read_config(folder)):  # its OOD guard (cxrcae.ood), checked on load
             try:
-                fetch(GUARD_NAME, commit, max_weights_bytes(expected_tensors(guard_config, build_model)))
+                fetch(GUARD_NAME, commit, max_weights_bytes(guard_tensors(config)))
             except EntryNotFoundError:
                 pass  # predict then says the guard is missing and runs the other checks
     except (CxrcaeError, KeyboardInterrupt):

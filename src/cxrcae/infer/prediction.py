@@ -8,7 +8,7 @@ becomes a ``skipped`` row. ``predict`` is the notebook form returning a list.
 
 Probabilities are ``softmax(logits / T)`` with the checkpoint's calibrated temperature T (1 if none).
 
-Every decoded input is screened (``cxrcae.infer.ood``; ``ood=False`` turns it off): a DICOM header that
+Every decoded input is screened (``cxrcae.ood.screen``; ``ood=False`` turns it off): a DICOM header that
 is not a chest radiograph gives a "refused" row without a class; a lateral view, a coloured or blank image,
 or a reconstruction error above the model's OOD guard threshold sets ``out_of_distribution`` and the label
 "uncertain" (``top_class`` and the probabilities stay).
@@ -40,11 +40,11 @@ from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.batches import UniqueNames, load_for_inference
 from cxrcae.infer.explain import GradCAM, save_overlay
 from cxrcae.infer.onnx import onnx_classifier, require_onnxruntime
-from cxrcae.infer.ood import UNCERTAIN, Screen
 from cxrcae.infer.quantize import int8_classifier
 from cxrcae.infer.workers import WorkerPlan, threads_beside
 from cxrcae.io import find_images
 from cxrcae.models.checkpoint import model_temperature
+from cxrcae.ood.screen import UNCERTAIN, Screen
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
 

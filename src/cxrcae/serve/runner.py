@@ -39,10 +39,10 @@ from cxrcae.errors import CxrcaeError, ImageLoadError
 from cxrcae.hub.resolve import download_commit, in_hub_cache, load_model, parse_repo_ref
 from cxrcae.infer.batches import load_for_inference
 from cxrcae.infer.explain import DEFAULT_LAYER, GradCAM
-from cxrcae.infer.ood import Screen
 from cxrcae.infer.prediction import Prediction, iter_predictions, model_folder
 from cxrcae.io import load_for_model, load_xray, resize_xray
 from cxrcae.models.checkpoint import CARD_NAME
+from cxrcae.ood.screen import Screen
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
 from cxrcae.serve.render import PREVIEW_SIZE, dicom_display, overlay_png, preview_png, shrink
 from cxrcae.serve.uploads import private_copy

@@ -15,7 +15,7 @@ Run folder (OUT):
   splits.csv      the train/val/test split, when DATA was split on the fly
 
 When the encoder came from a CAE pretraining folder, ``best/`` also gets the out-of-distribution guard
-(``ood.safetensors`` + the ``ood`` block of config.json; ``cxrcae.train.guard``): that autoencoder, with a
+(``ood.safetensors`` + the ``ood`` block of config.json; ``cxrcae.ood``): that autoencoder, with a
 threshold from the training images' reconstruction errors. Otherwise a note says how to fit one.
 """
 
@@ -30,6 +30,7 @@ from torch import nn
 from cxrcae.hub.resolve import encoder_state, resolve_encoder_checkpoint
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models.checkpoint import load_state_strict
+from cxrcae.ood.fitting import guard_after_finetune
 from cxrcae.paths import home_dir
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, reproducible, resolve_device
@@ -53,7 +54,6 @@ from cxrcae.train.engine import (
     run_lock,
     train_result,
 )
-from cxrcae.train.guard import guard_after_finetune
 from cxrcae.train.plots import loss_curves
 from cxrcae.train.speed import training_precision
 

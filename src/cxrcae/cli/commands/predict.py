@@ -116,10 +116,10 @@ def predict_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError
-    from cxrcae.infer.ood import has_guard
     from cxrcae.infer.prediction import iter_predictions, model_folder
     from cxrcae.infer.writers import PredictionWriter, RowJournal, locked_output, output_format
     from cxrcae.models.checkpoint import read_config
+    from cxrcae.ood.guard import has_guard
 
     if output is not None:
         output_format(output)  # fail before any work on a bad extension
