@@ -140,6 +140,23 @@ def resolve_encoder(spec: str | Path, *, seed: int = 0) -> ResolvedEncoder:
     return _checkpoint_encoder(text)
 
 
+def check_encoder(spec: str | Path) -> None:
+    """Fail now, in one line, on a spec that cannot resolve (an unknown timm model, a missing weights file or
+    checkpoint folder, ``imagenet-lite0`` without its package), before any data is read or model built."""
+    text = str(spec).strip()
+    if not text:
+        raise CxrcaeError(f"empty encoder name; expected {SPECS_HELP}")
+    if text.startswith(TIMM_PREFIX):
+        name, weights = parse_timm_spec(text)
+        _check_timm_name(text, name)
+        if weights is not None and not weights.is_file():
+            raise CheckpointError(f"{weights}: no such weights file")
+    elif text.lower() == IMAGENET_LITE0 and not Path(text).exists():
+        weights_file()
+    elif not (text.lower() == RANDOM and not Path(text).exists()):
+        _checkpoint_folder(text)
+
+
 def cae_encoder_ref(spec: str | None) -> str | None:
     """The checkpoint that initialises a CAE encoder (finetune's ``--encoder``), checked now.
 
@@ -232,10 +249,7 @@ def parse_timm_spec(spec: str) -> tuple[str, Path | None]:
 
 def _timm_encoder(spec: str, seed: int) -> ResolvedEncoder:
     name, weights = parse_timm_spec(spec)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
-        raise CxrcaeError(f"{spec}: timm has no model {name!r}{hint}")
+    _check_timm_name(spec, name)
     state = read_weights_file(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -256,6 +270,13 @@ def _timm_encoder(spec: str, seed: int) -> ResolvedEncoder:
             **({} if weights is not None else {"seed": int(seed)}),
         },
     )
+
+
+def _check_timm_name(spec: str, name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
+        raise CxrcaeError(f"{spec}: timm has no model {name!r}{hint}")
 
 
 def _imagenet_lite0(spec: str) -> ResolvedEncoder:

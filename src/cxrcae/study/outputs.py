@@ -157,7 +157,10 @@ def efficiency_plot(
             )
         ax.set_title(f"test {metric.replace('_', ' ')}")
     ax = axes[-1]
-    for k, name in enumerate(comparisons):
+    pairs = [name.split("-vs-") for name in comparisons]
+    side = 1 if len({a for a, _ in pairs}) == 1 else 0  # colour by the arm that differs between the lines
+    for name, pair in zip(comparisons, pairs, strict=True):
+        k = arms.index(pair[side]) if pair[side] in arms else len(arms)
         comps = [p["comparisons"][name].get(difference) or {} for p in points]
         _errorbar(
             ax,
@@ -165,7 +168,7 @@ def efficiency_plot(
             [c.get("difference") for c in comps],
             [c.get("ci") for c in comps],
             name.replace("-vs-", " - "),
-            k + 1,
+            k,
         )
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_title(f"paired {difference.replace('_', ' ')} difference (95% CI)")

@@ -26,7 +26,13 @@ from typing import Any
 
 from cxrcae.errors import CxrcaeError
 from cxrcae.eval.probe import ProbeConfig
-from cxrcae.hub.encoders import IMAGENET_LITE0, TIMM_PREFIX, cae_encoder_ref, parse_timm_spec
+from cxrcae.hub.encoders import (
+    IMAGENET_LITE0,
+    TIMM_PREFIX,
+    cae_encoder_ref,
+    check_encoder,
+    parse_timm_spec,
+)
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.study.run import StudyResult, run_study
 from cxrcae.study.spec import MODES, Arm, Recipe, StudySpec, label_source, slug
@@ -134,6 +140,8 @@ def transfer_spec(cfg: TransferConfig) -> StudySpec:
     probe.validate()
     arms: list[Arm] = []
     comparisons: list[tuple[str, str]] = []
+    for encoder in cfg.encoders:
+        check_encoder(encoder)
     for mode in (m for m in MODES if m in cfg.modes):
         names = []
         for encoder in cfg.encoders:
