@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,7 @@ import pytest
 import sklearn
 import torch
 from PIL import Image
+from rich.console import Console
 
 from cxrcae.eval.paired import Scores, dice_per_image
 
@@ -66,10 +68,25 @@ def test_transfer_probe_on_knees_pairs_and_resumes(cli, knee_folder, tmp_path, m
 
     monkeypatch.setattr("cxrcae.study.cells.fit_probe", refit)
     monkeypatch.setattr("cxrcae.study.cells.encode_records", refit)
-    again = _study(
-        cli, knee_folder, out, "--encoders", "random,bundled", "--fractions", "0.5,1", "--modes", "probe"
-    )
-    assert again["points"] == study["points"]
+    from cxrcae.cli.commands import transfer as command
+
+    narrow = Console(width=80, record=True, force_terminal=False)
+    monkeypatch.setattr(command, "console", narrow)
+    args = ["--encoders", "random,bundled", "--fractions", "0.5,1", "--modes", "probe"]
+    assert cli("transfer", knee_folder, "--out", out, *FAST, *args).exit_code == 0  # read back, as a table
+    text = narrow.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    cell = r"(\d\.\d{3}) \[\d\.\d\d, \d\.\d\d\]"
+    rows = re.findall(rf"(\d+)% \(\d+\) +(random|bundled) +probe +{cell} +(\S.*\S)", text)
+    assert [r[:2] for r in rows] == [
+        ("50", "random"),
+        ("50", "bundled"),
+        ("100", "random"),
+        ("100", "bundled"),
+    ]
+    assert rows[0][3] == "reference"
+    assert re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d\d, [+-]\d\.\d\d\]", rows[1][3])
+    assert float(rows[1][2]) == pytest.approx(half["arms"]["probe:bundled"]["test"]["macro_auc"], abs=5e-4)
 
     # another fraction adds its cells only, from the features already encoded
     import cxrcae.eval.probe as probe
