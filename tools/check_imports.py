@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT_PACKAGE = "cxrcae"
 # cxrcae's packages and top-level modules, lowest first; "cxrcae" is cxrcae/__init__.py. The first line is
 # the base: small helpers every layer may use (they import one another). study (the machinery of transfer
-# and ablate) sits below ablation, its preset; __main__ (``python -m cxrcae``) starts the CLI, so it is above it.
+# and ablate) sits below ablation, its preset; __main__ (``python -m cxrcae``) starts the CLI, so it is
+# above it.
 ORDER: tuple[tuple[str, ...], ...] = (
     (
         "cxrcae",
