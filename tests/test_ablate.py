@@ -144,7 +144,7 @@ def test_ablate_end_to_end_and_continues(cli, tiny_labelled_folder, tmp_path, mo
     def no_training(*a, **k):
         raise AssertionError("a finished arm was trained again")
 
-    monkeypatch.setattr("cxrcae.ablation.finetune", no_training)
+    monkeypatch.setattr("cxrcae.study.cells.finetune", no_training)
     monkeypatch.setattr("cxrcae.ablation.pretrain", no_training)
     again = cli(*args)
     assert again.exit_code == 0, again.output

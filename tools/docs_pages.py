@@ -54,6 +54,7 @@ INTERNAL = {
     "fetch": "behind `cxrcae fetch`",
     "pipeline": "behind `cxrcae reproduce`",
     "ablation": "behind `cxrcae ablate`",
+    "study": "behind `cxrcae transfer` and `cxrcae ablate`",
     "bench": "behind `cxrcae bench`",
     "bundled": "the bundled model's location",
     "allocator": "process memory setting made by the CLI entry point",

@@ -114,6 +114,17 @@ class Classify(Task):
         names = config.get("class_names") or []
         return f"Classifies an X-ray into one of {len(names)} classes: {', '.join(map(str, names))}."
 
+    def targets(self, records: Sequence[Record], config: dict[str, Any]) -> np.ndarray:
+        """Each record's class index in ``class_names``; a label the model does not know is an error."""
+        index = {name: i for i, name in enumerate(config["class_names"])}
+        unknown = sorted({str(r.label) for r in records if r.label not in index})
+        if unknown:
+            raise DataError(
+                f"label(s) {', '.join(unknown)} are not among the model's classes "
+                f"({', '.join(config['class_names'])})"
+            )
+        return np.asarray([index[r.label] for r in records], dtype=np.int64)
+
     # ------------------------------------------------------------------------------ fine-tuning on labels
 
     uses_label_column = True

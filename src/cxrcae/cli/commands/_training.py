@@ -91,6 +91,21 @@ ResumeOpt = Annotated[
 _RENAMED = {"bootstrap": "n_bootstrap"}
 
 
+def comma_floats(text: str, option: str) -> tuple[float, ...]:
+    """``1e-3,1e-4`` -> (0.001, 0.0001); anything else is a usage error naming ``option``."""
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated numbers, got {text!r}", param_hint=option
+        ) from None
+
+
+def comma_names(text: str, option: str) -> tuple[str, ...]:
+    """``a, b,c`` -> ("a", "b", "c"): empty items dropped."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The core's config dataclass filled from a command's options, matched by name.
 
