@@ -36,7 +36,8 @@ def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
     Batch 4 (~17 steps an epoch): the LSTM head starts on a plateau near the class priors and needs some
     50-100 Adam steps to leave it; at batch 8 (8 steps an epoch) that took up to the last of 8 epochs, and
     early stopping then kept a prior-only epoch on some CPUs (one class for every image)."""
-    import cxrcae.train.finetuning
+    import cxrcae.models
+    import cxrcae.tasks.classify
 
     out = tmp_path_factory.mktemp("runs") / "clf"
     cfg = FinetuneConfig(
@@ -51,7 +52,7 @@ def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
         return head
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cxrcae.train.finetuning, "build_head", recording_build_head)
+        mp.setattr(cxrcae.tasks.classify, "build_head", recording_build_head)
         result = finetune(tiny_labelled_folder, out, cfg)
     result.head_init = initial
     return result
