@@ -18,12 +18,14 @@ from cxrcae.models.factory import build_model as build_backbone
 from cxrcae.tasks.base import Objective, Task
 from cxrcae.tasks.classify import Classify
 from cxrcae.tasks.reconstruct import Reconstruct
+from cxrcae.tasks.segment import Segment
 
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Reconstruct(),
         Classify(),
+        Segment(),
     )
 }
 ENCODER_KIND = "encoder"
