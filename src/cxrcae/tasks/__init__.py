@@ -19,6 +19,7 @@ from cxrcae.tasks.base import Objective, Task
 from cxrcae.tasks.classify import Classify
 from cxrcae.tasks.multilabel import MultiLabel
 from cxrcae.tasks.reconstruct import Reconstruct
+from cxrcae.tasks.segment import Segment
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -26,6 +27,7 @@ TASKS: dict[str, Task] = {
         Reconstruct(),
         Classify(),
         MultiLabel(),
+        Segment(),
     )
 }
 ENCODER_KIND = "encoder"
