@@ -167,6 +167,12 @@ class Segment(Task):
     description = "per-pixel segmentation of anatomical structures, one mask each"
     metric_names = ("val_mean_dice",)
 
+    def example(self, image_size: int = 32) -> tuple[dict[str, Any], torch.Tensor]:
+        config = {"task": self.name, "kind": self.kind, "head": "unet", "image_size": image_size}
+        masks = torch.zeros(2, 2, image_size, image_size)
+        masks[:, 0, 4:20, 4:14], masks[:, 1, 8:24, 16:28] = 1, 1
+        return {**config, "structures": ["left_lung", "heart"]}, masks
+
     def build(self, config: dict[str, Any]) -> nn.Module:
         structures = config.get("structures") or []
         if not structures:
