@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cxrcae._parse import comma_list as comma_list  # re-exported: every command's comma-separated options
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cxrcae.cli.common import console, err_console, make_table, print_json
+from cxrcae.cli.common import comma_list, console, err_console, make_table, print_json
 
 PANEL = "Training"
 RUNTIME = "Runtime"
@@ -94,7 +94,7 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
 
         values["num_workers"] = training_workers(values["num_workers"])
     if isinstance(values.get("stages"), str):
-        values["stages"] = tuple(s.strip() for s in values["stages"].split(",") if s.strip())
+        values["stages"] = comma_list(values["stages"], what="--stages")
     if isinstance(values.get("encoder"), str) and values["encoder"].strip().lower() == "none":
         values["encoder"] = None
     return cls(**values)

@@ -20,19 +20,11 @@ from cxrcae.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    comma_list,
     console,
     make_table,
     print_json,
 )
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected comma-separated numbers, got {text!r}", param_hint=option
-        ) from None
 
 
 @app.command("ablate")
@@ -104,8 +96,8 @@ def ablate_command(
     from cxrcae.cli.common import progress_bar
 
     options = dict(ctx.params)
-    options["fractions"] = _floats(fractions, "--fractions")
-    options["plain_lrs"] = _floats(plain_lrs, "--plain-lrs")
+    options["fractions"] = comma_list(fractions, float, "--fractions")
+    options["plain_lrs"] = comma_list(plain_lrs, float, "--plain-lrs")
     cfg = config_from_options(AblationConfig, options)
     with progress_bar(quiet or json_out) as progress:
         result = run_ablation(data, out, cfg, progress)

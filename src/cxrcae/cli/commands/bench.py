@@ -106,21 +106,14 @@ def bench_command(
     bar: >= 99.5% on >= 200 files, <= 0.02).
     """
     from cxrcae.bench import PREDICT_BACKENDS, TRAIN_TASKS, run_bench
-    from cxrcae.cli.common import path_arg, progress_bar
+    from cxrcae.cli.common import comma_list, path_arg, progress_bar
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    bad = [t for t in task_list if t not in TRAIN_TASKS]
-    if bad:
-        raise typer.BadParameter(f"unknown task(s) {', '.join(bad)}", param_hint="--tasks")
-    try:
-        pairs = [SETTINGS[s.strip().lower()] for s in settings.split(",") if s.strip()]
-    except KeyError as exc:
-        raise typer.BadParameter(f"unknown setting {exc.args[0]}", param_hint="--settings") from None
+    task_list = list(comma_list(tasks, what="--tasks", choices=TRAIN_TASKS))
+    pairs = [SETTINGS[s] for s in comma_list(settings.lower(), what="--settings", choices=SETTINGS)]
     if (keras_python is None) != (keras_script is None):
         raise typer.BadParameter("give both --keras-python and --keras-script", param_hint="--keras-python")
-    backend_list = [b.strip() for b in predict_backends.split(",") if b.strip()]
-    unknown = [b for b in backend_list if b not in PREDICT_BACKENDS]
-    if unknown or not backend_list:
+    backend_list = list(comma_list(predict_backends, what="--predict-backends", choices=PREDICT_BACKENDS))
+    if not backend_list:
         raise typer.BadParameter(
             f"use some of {', '.join(PREDICT_BACKENDS)}", param_hint="--predict-backends"
         )
