@@ -55,9 +55,9 @@ from cxrcae.io.decoded import DecodedCache
 from cxrcae.models import CAEDecoder, CAEEncoder, ConvAutoencoder, CXRClassifier, build_head, build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.runtime import autocast, precision_name, resolve_device, resolve_precision
+from cxrcae.runtime import autocast, default_workers, precision_name, resolve_device, resolve_precision
 from cxrcae.train.config import PretrainConfig
-from cxrcae.train.data import epoch_seed, make_loader, pretrain_data, training_workers
+from cxrcae.train.data import epoch_seed, make_loader, pretrain_data
 from cxrcae.train.engine import Runtime, train_one_epoch
 from cxrcae.train.finetuning import apply_stage
 
@@ -810,7 +810,7 @@ def run_bench(
             settings,
             device,
             data_steps,
-            training_workers(num_workers),
+            default_workers(num_workers),
             in_memory,
             progress=progress,
         )

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cxrcae.cli.common import comma_list, console, err_console, make_table, print_json
+from cxrcae.cli.common import DEFAULT_WORKERS_TEXT, comma_list, console, err_console, make_table, print_json
 
 PANEL = "Training"
 RUNTIME = "Runtime"
@@ -46,7 +46,8 @@ TrainWorkersOpt = Annotated[
     typer.Option(
         "--num-workers",
         min=0,
-        help="DataLoader worker processes [default: CPUs-2, max 4: the training step keeps two cores].",
+        help="DataLoader worker processes.",
+        show_default=DEFAULT_WORKERS_TEXT,
         rich_help_panel=RUNTIME,
     ),
 ]
@@ -90,9 +91,9 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     values = {_RENAMED.get(k, k): v for k, v in options.items()}
     values = {k: v for k, v in values.items() if k in fields}
     if "num_workers" in values:
-        from cxrcae.train.data import training_workers
+        from cxrcae.runtime import default_workers
 
-        values["num_workers"] = training_workers(values["num_workers"])
+        values["num_workers"] = default_workers(values["num_workers"])
     if isinstance(values.get("stages"), str):
         values["stages"] = comma_list(values["stages"], what="--stages")
     if isinstance(values.get("encoder"), str) and values["encoder"].strip().lower() == "none":
