@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from cxrcae.data import Record, write_records
 from cxrcae.errors import DataError
 from cxrcae.eval.evaluation import evaluate
+from cxrcae.locking import LockedError, hold
 from cxrcae.models import build_model
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 
@@ -237,3 +239,19 @@ def test_cli_evaluate_by(cli, model_dir, external_csv, tmp_path):
     assert "marked:" in result.output
     bad = cli("evaluate", model_dir, external_csv, "--by", "age:x", *args)
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "--by 'age:x'" in bad.output
+
+
+def test_evaluate_out_is_one_writers(cli, model_dir, splits_csv, tmp_path):
+    """While another evaluate writes OUT (here: this process holds its lock), evaluate --out OUT is refused
+    at once in one line naming the holder; the default folder is held while written."""
+    out, fast = tmp_path / "e", ("--bootstrap", "0", "--num-workers", "0")
+    with hold(out, folder=True):
+        result = cli("evaluate", model_dir, splits_csv, "--out", out, *fast)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {out}: in use by process {os.getpid()} (")
+        assert len(result.output.strip().splitlines()) == 1
+        assert [p.name for p in out.iterdir()] == [".cxrcae.lock"]  # nothing written beside the holder
+        with hold(model_dir / "eval-val", folder=True), pytest.raises(LockedError, match="eval-val"):
+            evaluate(model_dir, splits_csv, "val", n_bootstrap=0)
+    assert cli("evaluate", model_dir, splits_csv, "--out", out, *fast).exit_code == 0
+    assert (out / "metrics.json").is_file() and not (out / ".cxrcae.lock").exists()

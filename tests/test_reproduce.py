@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ from cxrcae import pipeline
 from cxrcae.data import load_records
 from cxrcae.data.audit import audit_records
 from cxrcae.io import hashing as io_hashing
+from cxrcae.locking import hold
 
 
 def test_reproduce_end_to_end_keeps_test_unseen(cli, tiny_labelled_folder, tmp_path):
@@ -99,3 +101,15 @@ def test_reproduce_pixel_hashes_each_image_once(mini_folder, tmp_path, monkeypat
     monkeypatch.setattr(io_hashing, "decode_native", decode)
     fresh = audit_records(load_records(out / "splits.csv", labeled=False))  # hashing everything itself
     assert audit == {"leakage": fresh.leakage, **fresh.summary(), "dominant_sources": fresh.dominant}
+
+
+def test_reproduce_out_is_one_writers(cli, tiny_labelled_folder, tmp_path):
+    """While another reproduce runs in OUT (here: this process holds its lock), a second one is refused at
+    once in one line naming the holder, before splitting anything."""
+    out = tmp_path / "run"
+    with hold(out, folder=True):
+        result = cli("reproduce", tiny_labelled_folder, "--out", out)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {out}: in use by process {os.getpid()} (")
+        assert len(result.output.strip().splitlines()) == 1
+        assert [p.name for p in out.iterdir()] == [".cxrcae.lock"]

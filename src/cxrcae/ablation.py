@@ -40,6 +40,7 @@ from cxrcae.data import label_fraction, load_records, write_records
 from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.eval.evaluation import evaluate
 from cxrcae.eval.paired import COMPARED, paired_bootstrap
+from cxrcae.locking import FOLDER_LOCK, hold
 from cxrcae.pipeline import headline, prepare_splits
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain, resume_run
@@ -121,12 +122,17 @@ def run_ablation(
     cfg = cfg or AblationConfig()
     cfg.validate()
     out = Path(out_dir).expanduser()
+    with hold(out, folder=True):  # OUT is this study's alone, as a training run folder (cxrcae.locking)
+        return _run_ablation(Path(data), out, cfg, progress)
+
+
+def _run_ablation(data: Path, out: Path, cfg: AblationConfig, progress: ProgressFn) -> AblationResult:
     _claim(out, cfg)
     splits = out / "splits.csv"
     if not splits.exists():
-        splits, _ = prepare_splits(Path(data), out, cfg.seed, progress)
-    elif Path(data).expanduser().resolve() != splits.resolve():
-        splits = _given_or_own(Path(data), splits)
+        splits, _ = prepare_splits(data, out, cfg.seed, progress)
+    elif data.expanduser().resolve() != splits.resolve():
+        splits = _given_or_own(data, splits)
     encoder = cfg.encoder or _pretrained(splits, out / "cae", cfg, progress)
 
     records = load_records(splits, labeled=True)
@@ -153,7 +159,7 @@ def run_ablation(
 
 
 def _claim(out: Path, cfg: AblationConfig) -> None:
-    """Create OUT, or continue it when it holds this very study; refuse a different study's folder."""
+    """Start the study in OUT, or continue it when OUT holds this very study; refuse any other folder."""
     settings = out / SETTINGS_NAME
     if settings.exists():
         saved = json.loads(settings.read_text())
@@ -163,9 +169,8 @@ def _claim(out: Path, cfg: AblationConfig) -> None:
                 f"{out}: holds a study with other settings ({', '.join(changed)}); choose another --out"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if any(p.name != FOLDER_LOCK for p in out.iterdir()):  # OUT exists: run_ablation holds its lock
         raise CxrcaeError(f"{out}: exists and is not an ablation study; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings, json.dumps(cfg.settings(), indent=2) + "\n")
 
 
