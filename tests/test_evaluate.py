@@ -67,13 +67,19 @@ def test_evaluate_writes_everything(model_dir, splits_csv, tmp_path):
     assert metrics["ci"]["unit"] == "patient" and metrics["ci"]["n_units"] == 4
     lo, hi = metrics["ci"]["accuracy"]
     assert lo <= metrics["accuracy"] <= hi
-    assert 0 <= metrics["calibration"]["ece"] <= 1
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["label"] for r in rows} == set(NAMES)
     assert all(r["status"] == "ok" and r["predicted"] in NAMES for r in rows)
     acc = np.mean([r["predicted"] == r["label"] for r in rows])
     assert metrics["accuracy"] == pytest.approx(acc)
+    # ECE recomputed from the rows: 15 equal-width confidence bins, |accuracy - confidence| weighted by size
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        confidence = float(r["confidence"])
+        bins.setdefault(min(int(confidence * 15), 14), []).append((r["correct"] == "True", confidence))
+    ece = sum(abs(sum(c for c, _ in b) - sum(p for _, p in b)) for b in bins.values()) / len(rows)
+    assert metrics["calibration"]["ece"] == pytest.approx(ece)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS) and "site-b" in html
 
