@@ -154,7 +154,9 @@ def test_cli_evaluate_and_calibrate(cli, model_dir, splits_csv, tmp_path):
     result = cli("evaluate", model_dir, splits_csv, "--out", out, "--bootstrap", "100", "--num-workers", "0")
     assert result.exit_code == 0, result.output
     assert "macro avg" in result.output and "site-a" in result.output and "95% CIs" in result.output
-    assert (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["split"] == "test" and metrics["ci"]["n_units"] == 4
+    assert f"{metrics['accuracy']:.3f}" in result.output  # the table shows what metrics.json holds
 
     local = tmp_path / "clf"
     shutil.copytree(model_dir, local)

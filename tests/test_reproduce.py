@@ -74,7 +74,8 @@ def test_reproduce_end_to_end_keeps_test_unseen(cli, tiny_labelled_folder, tmp_p
     lo, hi = summary["test"]["accuracy_ci"]
     assert lo <= summary["test"]["accuracy"] <= hi
     assert summary["audit"]["leakage"] is False
-    assert (out / "clf" / "best" / "eval-test" / "metrics.json").is_file()
+    metrics = json.loads((out / "clf" / "best" / "eval-test" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["accuracy"] == summary["test"]["accuracy"]
 
 
 def test_reproduce_refuses_an_existing_run(cli, tiny_labelled_folder, tmp_path):

@@ -100,7 +100,9 @@ def test_pretrain_config_records_everything(pretrained):
     assert training["augment"] is False and training["used"]["precision"] == "fp32"
     assert len(cfg["dataset"]["fingerprint"]) == 64
     assert cfg["dataset"]["counts"]["val"] == {"images": pretrained.val_images}
-    assert (Path(pretrained.best_dir) / "README.md").is_file()  # model card
+    card = (Path(pretrained.best_dir) / "README.md").read_text()  # model card: this checkpoint's facts
+    assert card.startswith("---") and "# cxrcae autoencoder" in card
+    assert "| **Input size** | 64 x 64 |" in card
     assert cfg["baseline"]["val_mse_mean_image"] == pytest.approx(pretrained.baseline["val_mse_mean_image"])
     assert cfg["metrics"]["val"]["mse"] == pytest.approx(pretrained.best_val_loss)
     assert "torch" in cfg["versions"]

@@ -6,6 +6,7 @@ import importlib
 import os
 
 import pytest
+from PIL import Image
 
 from cxrcae import runtime
 from cxrcae.cli.common import DEFAULT_WORKERS_TEXT
@@ -58,11 +59,24 @@ def test_auto_plan_measures_then_continues_with_offset_indices(monkeypatch, tmp_
 
 
 def test_fixed_plan_never_measures(monkeypatch, tmp_path):
+    """A given count decodes every batch with it: no first batch decoded apart, no choice made."""
     from cxrcae.infer import workers as module
 
+    paths = [tmp_path / f"{i}.png" for i in range(10)]  # enough batches that an auto plan would choose
+    for p in paths:
+        Image.new("L", (40, 40), color=7).save(p)
+    runs = []
+    real = module.iter_batches
+
+    def recording(part, *args, **kwargs):
+        runs.append((len(part), args[3]))  # (paths, workers)
+        return real(part, *args, **kwargs)
+
+    monkeypatch.setattr(module, "iter_batches", recording)
     monkeypatch.setattr(module, "choose_workers", lambda *a: pytest.fail("a fixed count is not re-chosen"))
-    plan = WorkerPlan(0)
-    assert list(plan.batches([], 32, "stretch", 4, facts=False)) == []
+    plan = WorkerPlan(0)  # an auto plan would decode the first 4 apart: [(4, 0), (6, chosen)]
+    seen = [i for batch in plan.batches(paths, 32, "stretch", 4, facts=False) for i in batch.indices]
+    assert seen == list(range(10)) and plan.workers == 0 and runs == [(10, 0)]
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(None, 0), (1, 0), (2, 0), (3, 1), (4, 2), (64, MAX_WORKERS)])

@@ -32,7 +32,9 @@ def bench_command(
         int, typer.Option("--image-size", min=32, help="Input size (multiple of 32).")
     ] = 224,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training batch size.")] = 16,
-    predict_batch_size: Annotated[int, typer.Option("--predict-batch-size", min=1)] = 32,
+    predict_batch_size: Annotated[
+        int, typer.Option("--predict-batch-size", min=1, help="Images per --predict forward pass.")
+    ] = 32,
     predict_model: Annotated[
         str | None,
         typer.Option(
