@@ -101,7 +101,9 @@ def test_pretrain_config_records_everything(pretrained):
     assert training["augment"] is False and training["used"]["precision"] == "fp32"
     assert len(cfg["dataset"]["fingerprint"]) == 64
     assert cfg["dataset"]["counts"]["val"] == {"images": pretrained.val_images}
-    assert (Path(pretrained.best_dir) / "README.md").is_file()  # model card
+    card = (Path(pretrained.best_dir) / "README.md").read_text()  # model card: this checkpoint's facts
+    assert card.startswith("---") and "# cxrcae autoencoder" in card
+    assert "| **Input size** | 64 x 64 |" in card
     assert cfg["baseline"]["val_mse_mean_image"] == pytest.approx(pretrained.baseline["val_mse_mean_image"])
     assert cfg["metrics"]["val"]["mse"] == pytest.approx(pretrained.best_val_loss)
     assert "torch" in cfg["versions"]
@@ -109,8 +111,8 @@ def test_pretrain_config_records_everything(pretrained):
     assert type(model).__name__ == "ConvAutoencoder"
 
 
-def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[str, float]:
-    """Plain torch: the checkpoint's own preprocessing, argmax of the logits, recall of each class."""
+def _predict(model_dir: str, images: list[tuple[Path, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Plain torch: the checkpoint's own preprocessing, argmax of the logits; (predicted, true, names)."""
     from cxrcae.io import load_for_model
 
     model, cfg = load_checkpoint(model_dir)
@@ -119,7 +121,11 @@ def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[st
     y = torch.tensor([cfg["class_names"].index(label) for _, label in images])
     with torch.no_grad():
         pred = model(x).argmax(1)
-    names = cfg["class_names"]
+    return pred, y, cfg["class_names"]
+
+
+def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[str, float]:
+    pred, y, names = _predict(model_dir, images)
     return {name: (pred[y == i] == i).float().mean().item() for i, name in enumerate(names) if (y == i).any()}
 
 
@@ -176,8 +182,13 @@ def test_finetune_config_records_everything(pretrained, finetuned):
     assert sum(counts["train"].values()) == finetuned.train_images
     assert set(counts["val"]) == {"COVID", "NORMAL", "PNEUMONIA"}
     assert cfg["dataset"]["excluded_test_images"] > 0
-    assert 0.0 <= cfg["metrics"]["val"]["accuracy"] <= 1.0
     assert cfg["metrics"]["val"]["accuracy"] == pytest.approx(finetuned.best_metrics["val_accuracy"])
+    # the recorded val accuracy is the saved checkpoint's own score on the run's val images
+    splits = Path(finetuned.out_dir) / "splits.csv"
+    with open(splits) as f:
+        val = [(splits.parent / r["path"], r["label"]) for r in csv.DictReader(f) if r["split"] == "val"]
+    pred, y, _ = _predict(finetuned.best_dir, val)
+    assert cfg["metrics"]["val"]["accuracy"] == pytest.approx((pred == y).float().mean().item())
 
 
 # --- resume, NaN, precision ------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ ORDER: tuple[tuple[str, ...], ...] = (
         "paths",
         "runtime",
         "_timm_hook",
+        "_parse",
     ),
     ("io",),
     ("data",),

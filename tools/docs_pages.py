@@ -62,6 +62,7 @@ INTERNAL = {
     "locking": "one writer per run folder or output",
     "progress": "the progress callback type",
     "paths": "where cxrcae keeps its caches ($CXRCAE_HOME)",
+    "_parse": "the comma-list parser behind every comma-separated option",
 }
 
 _GENERATED_NOTE = (

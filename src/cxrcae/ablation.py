@@ -35,7 +35,7 @@ from cxrcae.study import (
     Arm,
     Recipe,
     StudySpec,
-    claim,
+    claimed,
     continue_or_restart,
     run_points,
     study_splits,
@@ -119,15 +119,17 @@ def run_ablation(
     cfg.validate()
     spec = _spec(cfg, encoder="")
     spec.validate()
-    out = claim(Path(out_dir), spec)
-    splits = study_splits(data, out, spec, progress)
-    encoder = cfg.encoder or _pretrained(splits, out / "cae", cfg, spec, progress)
-    spec = _spec(cfg, encoder)
-    points, _ = run_points(out, splits, spec, progress)
-    result = AblationResult(out_dir=out, splits=splits, encoder=str(encoder), points=points)
-    study = {"settings": {**cfg.settings(), "fractions": sorted(cfg.fractions)}, **result.to_dict()}
-    study.pop("points"), study.pop("files")
-    result.files = write_outputs(out, KIND, study, points, panels=PANELS, difference="accuracy", names=NAMES)
+    with claimed(out_dir, spec) as out:  # one writer per study folder
+        splits = study_splits(data, out, spec, progress)
+        encoder = cfg.encoder or _pretrained(splits, out / "cae", cfg, spec, progress)
+        spec = _spec(cfg, encoder)
+        points, _ = run_points(out, splits, spec, progress)
+        result = AblationResult(out_dir=out, splits=splits, encoder=str(encoder), points=points)
+        study = {"settings": {**cfg.settings(), "fractions": sorted(cfg.fractions)}, **result.to_dict()}
+        study.pop("points"), study.pop("files")
+        result.files = write_outputs(
+            out, KIND, study, points, panels=PANELS, difference="accuracy", names=NAMES
+        )
     return result
 
 

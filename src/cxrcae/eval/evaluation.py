@@ -20,11 +20,13 @@ config.json; the test metrics then use it, and the uncalibrated ECE is reported 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +54,7 @@ from cxrcae.eval.subgroups import (
 from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
 from cxrcae.infer.batches import collect_logits, load_for_inference
 from cxrcae.io import hash_files
+from cxrcae.locking import hold
 from cxrcae.metrics import expected_calibration_error, full_report, softmax
 from cxrcae.models.checkpoint import model_temperature
 from cxrcae.progress import ProgressFn, no_progress
@@ -134,6 +137,21 @@ def describe_set(metrics: dict) -> str:
     return f"split {metrics['split']!r}"
 
 
+def _one_writer(evaluate_fn):
+    """``evaluate`` keeps its output folder to itself (``cxrcae.locking``, as training runs do): a given
+    ``out_dir`` (``evaluate --out``) is held for the whole run, so a second evaluate into it is refused at
+    once, naming this one; the default folder, known only once the data is read, while it is written."""
+
+    @functools.wraps(evaluate_fn)
+    def run(*args: Any, out_dir: str | Path | None = None, write: bool = True, **kwargs: Any):
+        held = hold(out_dir, folder=True) if write and out_dir is not None else nullcontext()
+        with held:
+            return evaluate_fn(*args, out_dir=out_dir, write=write, **kwargs)
+
+    return run
+
+
+@_one_writer
 def evaluate(
     model_ref: Any,
     data: str | Path,
@@ -269,7 +287,8 @@ def evaluate(
     files: dict[str, Path] = {}
     if write:
         out = Path(out_dir).expanduser() if out_dir else _default_out(folder, set_name)
-        files = _write_outputs(out, metrics, rows, y, probs, names, html)
+        with nullcontext() if out_dir else hold(out, folder=True):  # a given out_dir: held by _one_writer
+            files = _write_outputs(out, metrics, rows, y, probs, names, html)
     return EvaluationResult(metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes)
 
 

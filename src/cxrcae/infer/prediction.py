@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from cxrcae import bundled
-from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.infer.batches import UniqueNames, load_for_inference
@@ -153,7 +152,6 @@ def iter_predictions(
     """
 
     runner = None
-    keep_freed_memory()
     backend = _check_backend(backend, device, precision, explain_dir)
     if backend != "torch":
 

@@ -10,7 +10,7 @@ files of ``outputs``.
 from cxrcae.study.cells import continue_or_restart
 from cxrcae.study.outputs import arm_rows, comparison_rows, write_outputs
 from cxrcae.study.run import StudyResult, run_points, run_study
-from cxrcae.study.spec import MODES, Arm, Recipe, StudySpec, claim, study_splits
+from cxrcae.study.spec import MODES, Arm, Recipe, StudySpec, claim, claimed, study_splits
 from cxrcae.study.transfer import TransferConfig, run_transfer
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "TransferConfig",
     "arm_rows",
     "claim",
+    "claimed",
     "comparison_rows",
     "continue_or_restart",
     "run_points",

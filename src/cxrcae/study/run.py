@@ -16,7 +16,7 @@ from cxrcae.eval.probe import Features, ProbeData, probe_data
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.study.cells import finetune_cell, probe_cell, study_features
 from cxrcae.study.outputs import headline_metrics, write_outputs
-from cxrcae.study.spec import StudySpec, claim, fraction_splits, percent, study_splits
+from cxrcae.study.spec import StudySpec, claimed, fraction_splits, percent, study_splits
 
 
 @dataclass
@@ -112,16 +112,16 @@ def run_study(
     """Run (or continue) ``spec`` on ``data`` into ``out_dir`` and write its files (the plot shows the
     headline metrics of the task's kind, ``outputs.headline_metrics``)."""
     spec.validate()
-    out = claim(Path(out_dir), spec)
-    splits = study_splits(data, out, spec, progress)
-    points, notes = run_points(out, splits, spec, progress)
-    result = StudyResult(out, splits, spec.task, points, arms=describe_arms(spec), notes=notes)
-    panels = headline_metrics(points)
-    result.metric = panels[0] if panels else ""
-    body = {"settings": {**spec.settings, "fractions": sorted(spec.fractions)}, **result.to_dict()}
-    result.files = write_outputs(
-        out, spec.kind, body, points, panels=panels, difference=result.metric, names=names
-    )
+    with claimed(out_dir, spec) as out:  # one writer per study folder
+        splits = study_splits(data, out, spec, progress)
+        points, notes = run_points(out, splits, spec, progress)
+        result = StudyResult(out, splits, spec.task, points, arms=describe_arms(spec), notes=notes)
+        panels = headline_metrics(points)
+        result.metric = panels[0] if panels else ""
+        body = {"settings": {**spec.settings, "fractions": sorted(spec.fractions)}, **result.to_dict()}
+        result.files = write_outputs(
+            out, spec.kind, body, points, panels=panels, difference=result.metric, names=names
+        )
     return result
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cxrcae.data.labels import LabelSource, read_multilabels
 from cxrcae.data.splits import fraction_mask, split_by
 from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.eval.probe import ProbeConfig
+from cxrcae.locking import FOLDER_LOCK, hold
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.tasks import TASKS
 from cxrcae.tasks.base import TargetSource
@@ -141,6 +143,19 @@ def label_source(source: TargetSource) -> LabelSource | None:
 # ----------------------------------------------------------------------------------------------- folder
 
 
+@contextmanager
+def claimed(out: str | Path, spec: StudySpec) -> Iterator[Path]:
+    """``with claimed(OUT, spec) as out:`` OUT is this study's (``claim``) and no other command may write
+    into it until the block ends (the folder lock of ``cxrcae.locking``: a second writer is refused naming
+    this process)."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CxrcaeError(f"{out}: exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with hold(out, folder=True):
+        yield claim(out, spec)
+
+
 def claim(out: Path, spec: StudySpec) -> Path:
     """Create OUT, or continue it when it holds this very study; refuse a different study's folder."""
     out = Path(out).expanduser()
@@ -154,7 +169,7 @@ def claim(out: Path, spec: StudySpec) -> Path:
                 f"{out}: holds a study with other settings ({', '.join(changed)}); choose another --out"
             )
         return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != FOLDER_LOCK for p in out.iterdir())):
         article = "an" if spec.kind[:1] in "aeiou" else "a"
         raise CxrcaeError(f"{out}: exists and is not {article} {spec.kind} study; choose another --out")
     out.mkdir(parents=True, exist_ok=True)

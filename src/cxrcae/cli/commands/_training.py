@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cxrcae.cli.common import console, err_console, make_table, print_json
+from cxrcae.cli.common import DEFAULT_WORKERS_TEXT, comma_list, console, err_console, make_table, print_json
 
 PANEL = "Training"
 RUNTIME = "Runtime"
@@ -46,8 +46,8 @@ TrainWorkersOpt = Annotated[
     typer.Option(
         "--num-workers",
         min=0,
-        help="DataLoader worker processes (the training step keeps two cores).",
-        show_default="CPUs-2, max 4",
+        help="DataLoader worker processes.",
+        show_default=DEFAULT_WORKERS_TEXT,
         rich_help_panel=RUNTIME,
     ),
 ]
@@ -91,21 +91,6 @@ ResumeOpt = Annotated[
 _RENAMED = {"bootstrap": "n_bootstrap"}
 
 
-def comma_floats(text: str, option: str) -> tuple[float, ...]:
-    """``1e-3,1e-4`` -> (0.001, 0.0001); anything else is a usage error naming ``option``."""
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected comma-separated numbers, got {text!r}", param_hint=option
-        ) from None
-
-
-def comma_names(text: str, option: str) -> tuple[str, ...]:
-    """``a, b,c`` -> ("a", "b", "c"): empty items dropped."""
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The core's config dataclass filled from a command's options, matched by name.
 
@@ -117,12 +102,12 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     values = {_RENAMED.get(k, k): v for k, v in options.items()}
     values = {k: v for k, v in values.items() if k in fields}
     if "num_workers" in values:
-        from cxrcae.train.data import training_workers
+        from cxrcae.runtime import default_workers
 
-        values["num_workers"] = training_workers(values["num_workers"])
+        values["num_workers"] = default_workers(values["num_workers"])
     for name in ("stages", "masks", "label_columns"):
         if isinstance(values.get(name), str):
-            values[name] = tuple(s.strip() for s in values[name].split(",") if s.strip())
+            values[name] = tuple(comma_list(values[name], what=f"--{name.replace('_', '-')}"))
     for name in ("masks", "label_columns"):
         if name in values and values[name] is None:
             values[name] = ()

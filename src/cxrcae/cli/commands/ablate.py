@@ -12,7 +12,6 @@ from cxrcae.cli.commands._training import (
     ImageSizeOpt,
     LimitBatchesOpt,
     TrainWorkersOpt,
-    comma_floats,
     config_from_options,
 )
 from cxrcae.cli.common import (
@@ -21,6 +20,7 @@ from cxrcae.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    comma_list,
     console,
     make_table,
     print_json,
@@ -96,8 +96,8 @@ def ablate_command(
     from cxrcae.cli.common import progress_bar
 
     options = dict(ctx.params)
-    options["fractions"] = comma_floats(fractions, "--fractions")
-    options["plain_lrs"] = comma_floats(plain_lrs, "--plain-lrs")
+    options["fractions"] = comma_list(fractions, float, "--fractions")
+    options["plain_lrs"] = comma_list(plain_lrs, float, "--plain-lrs")
     cfg = config_from_options(AblationConfig, options)
     with progress_bar(quiet or json_out) as progress:
         result = run_ablation(data, out, cfg, progress)

@@ -12,8 +12,6 @@ from cxrcae.cli.commands._training import (
     ImageSizeOpt,
     LimitBatchesOpt,
     TrainWorkersOpt,
-    comma_floats,
-    comma_names,
     config_from_options,
 )
 from cxrcae.cli.common import (
@@ -22,6 +20,7 @@ from cxrcae.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    comma_list,
     console,
     err_console,
     print_json,
@@ -150,12 +149,12 @@ def transfer_command(
     from cxrcae.study import TransferConfig, run_transfer
 
     options = dict(ctx.params)
-    options["encoders"] = comma_names(encoders, "--encoders")
-    options["modes"] = comma_names(modes, "--modes")
-    options["fractions"] = comma_floats(fractions, "--fractions")
-    options["lrs"] = comma_floats(lrs, "--lrs")
-    options["label_columns"] = comma_names(label_columns or "", "--label-columns")
-    options["masks"] = comma_names(masks or "", "--masks")
+    options["encoders"] = tuple(comma_list(encoders, what="--encoders"))
+    options["modes"] = tuple(comma_list(modes, what="--modes"))
+    options["fractions"] = tuple(comma_list(fractions, float, "--fractions"))
+    options["lrs"] = tuple(comma_list(lrs, float, "--lrs"))
+    options["label_columns"] = tuple(comma_list(label_columns or "", what="--label-columns"))
+    options["masks"] = tuple(comma_list(masks or "", what="--masks"))
     cfg = config_from_options(TransferConfig, options)
     with progress_bar(quiet or json_out) as progress:
         result = run_transfer(data, out, cfg, progress)
