@@ -69,6 +69,9 @@ def _cells(row: dict[str, str], path_key: str) -> dict:
         if key == path_key:
             out[key] = Path(value).name
             continue
+        if key == "top_k":  # class:p;class:p
+            out[key] = [[n, float(p)] for n, p in (t.rsplit(":", 1) for t in value.split(";") if t)]
+            continue
         try:
             out[key] = float(value)
         except ValueError:

@@ -319,7 +319,8 @@ def as_loaded(model: Any, device: str | torch.device = "cpu", *, weights: bool =
             )
         if task_name(config) is None:
             raise CheckpointError("a bare encoder has no task; fine-tune it first")
-        return LoadedModel("in-memory model", None, config, task_of(config), model.to(device).eval())
+        net = model.to(device).eval() if weights else model  # without weights: a backend copies it
+        return LoadedModel("in-memory model", None, config, task_of(config), net)
     return load(model, device, weights=weights)
 
 
