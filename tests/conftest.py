@@ -131,3 +131,68 @@ def stop_at_epoch(n: int):
             raise Interrupt
 
     return progress
+
+
+def draw_knee(rng, gap: int, effusion: bool = False, size: int = 64):
+    """A synthetic knee radiograph (uint8 HxW): femur above, tibia below, a joint gap of ``gap`` pixels
+    (the class of a 'joint-space narrowing' grade) and, with ``effusion``, a bright blob beside the joint.
+    Positions, widths and noise vary per image, so a probe has to read the anatomy, not the pixels."""
+    import numpy as np
+
+    img = rng.normal(0.15, 0.04, (size, size))
+    cx, half = size // 2 + int(rng.integers(-5, 6)), size // 5 + int(rng.integers(-2, 3))
+    mid, gap = size // 2 + int(rng.integers(-4, 5)), max(0, gap + int(rng.integers(-1, 2)))
+    top, bottom = mid - gap // 2, mid + (gap - gap // 2)
+    img[:top, cx - half : cx + half] += 0.6
+    img[bottom:, cx - half - 2 : cx + half + 2] += 0.55
+    if effusion:
+        yy, xx = np.mgrid[:size, :size]
+        side = cx + half + 6 if rng.random() < 0.5 else cx - half - 6
+        img[(yy - mid) ** 2 + (xx - side) ** 2 < 25] += 0.45
+    img += rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+KNEE_GAPS = (12, 6, 1)
+"""Joint gap (pixels) of the synthetic knee classes ``0``, ``1``, ``2``."""
+
+
+@pytest.fixture(scope="session")
+def knee_folder(tmp_path_factory) -> Path:
+    """``root/{0,1,2}/*.png``: 20 synthetic knee radiographs per joint-space class (``draw_knee``), plus one
+    unreadable file in class ``1``: a non-chest body part with numeric class names."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("knees") / "knees"
+    rng = np.random.default_rng(0)
+    for label, gap in enumerate(KNEE_GAPS):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(draw_knee(rng, gap)).save(root / str(label) / f"knee_{label}_{i:02d}.png")
+    (root / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def knee_findings_manifest(tmp_path_factory) -> Path:
+    """A multi-label manifest of 64 synthetic knees (two per patient) whose ``finding`` column holds
+    ``Narrowing/Effusion``, ``Narrowing``, ``Effusion`` or ``Normal``, separated by ``/`` like ieee8023's."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("knee_findings")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(64):
+        narrow, effusion = bool(i % 2), bool((i // 2) % 2)
+        name = f"images/k{i:03d}.png"
+        Image.fromarray(draw_knee(rng, 2 if narrow else 11, effusion)).save(root / name)
+        found = [n for n, on in (("Narrowing", narrow), ("Effusion", effusion)) if on]
+        rows.append({"path": name, "patient_id": f"p{i // 2}", "finding": "/".join(found) or "Normal"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "patient_id", "finding"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"

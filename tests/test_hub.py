@@ -224,7 +224,8 @@ def test_timm_loads_from_the_hub(hub: FakeHub, autoencoder_dir):
 
 def test_the_ood_guard_travels_with_its_classifier(hub: FakeHub, classifier_dir, tmp_path):
     from cxrcae.models import ConvAutoencoder
-    from cxrcae.models.guard import GUARD_NAME, load_guard, save_guard
+    from cxrcae.models.checkpoint import GUARD_NAME
+    from cxrcae.ood.guard import load_guard, save_guard
 
     save_guard(
         classifier_dir,

@@ -22,6 +22,7 @@ PACKAGES = [
     "cxrcae.hub",
     "cxrcae.train",
     "cxrcae.fetch",
+    "cxrcae.bench",
 ]
 
 

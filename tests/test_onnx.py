@@ -16,8 +16,8 @@ from cxrcae.errors import CheckpointError, CxrcaeError  # noqa: E402
 from cxrcae.infer import onnx as cx_onnx  # noqa: E402
 from cxrcae.infer.onnx import ONNX_NAME, OnnxClassifier, export_onnx  # noqa: E402
 from cxrcae.infer.prediction import predict  # noqa: E402
-from cxrcae.models import build_model  # noqa: E402
 from cxrcae.models.checkpoint import read_config, save_checkpoint  # noqa: E402
+from cxrcae.tasks import build_model  # noqa: E402
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 SIZE = 64  # 2 x 2 feature tokens: the LSTM head runs over a real sequence

@@ -21,16 +21,20 @@ from safetensors.torch import load_file
 from cxrcae import bundled
 from cxrcae.data import Record
 from cxrcae.errors import CheckpointError, DataError
-from cxrcae.infer.ood import COLOR_MAX, MIN_STD, Screen, header_check
 from cxrcae.infer.prediction import UNCERTAIN, predict
 from cxrcae.infer.writers import PredictionWriter, read_predictions
 from cxrcae.io import load_for_model, load_xray
 from cxrcae.io.facts import load_with_facts
 from cxrcae.models import ConvAutoencoder
-from cxrcae.models.checkpoint import read_config, save_checkpoint
-from cxrcae.models.guard import GUARD_NAME, load_guard
+from cxrcae.models.checkpoint import GUARD_NAME, read_config, save_checkpoint
+from cxrcae.ood.decoder import DecoderReconstruction, encode_images, validation_split
+from cxrcae.ood.fitting import guard_after_finetune
+from cxrcae.ood.guard import load_guard
+from cxrcae.ood.screen import COLOR_MAX, MIN_STD, Screen, header_check
+from cxrcae.ood.selection import fit_records
 from cxrcae.tasks import build_model
-from cxrcae.train.guard import calibrate_ood, fit_records, guard_after_finetune
+from cxrcae.train.engine import NonFiniteLossError
+from cxrcae.train.guard import calibrate_ood, train_decoder
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 SIZE = 32
@@ -289,6 +293,13 @@ def test_guard_file_is_fp16_checked_and_stays_beside_the_model(guarded, ood_case
     assert row.status == "refused" and row.ood_score is None
 
 
+def test_guard_file_must_be_a_file_of_the_folder(guarded):
+    config = read_config(guarded)
+    outside = {**config, "ood": {**config["ood"], "file": "../clf/model.safetensors"}}
+    with pytest.raises(CheckpointError, match="must be a file name"):
+        load_guard(guarded, outside)
+
+
 def test_guard_fitted_at_another_size_is_refused(guarded):
     config = read_config(guarded)
     with pytest.raises(CheckpointError, match="fitted at"):
@@ -343,6 +354,61 @@ def test_finetune_from_a_cae_folder_writes_the_guard(tmp_path, xrays):
     assert "changed since" in guard_after_finetune(best, changed, records, 32, "stretch", device=cpu)
 
 
+def test_decoder_trains_in_the_engine_and_keeps_its_best_epoch(tmp_path, xrays, monkeypatch):
+    """The decoder of a guard trains through the engine (validation tenth, progress, best epoch kept), in
+    memory: nothing is written anywhere."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    cae = ConvAutoencoder()
+    untrained = {k: v.clone() for k, v in cae.encoder.state_dict().items()}
+    seen = []
+    progress = lambda task, done, total=None, info="": seen.append(task)  # noqa: E731
+    paths = [str(p) for p in xrays[:12]]
+    cpu = torch.device("cpu")
+    training = train_decoder(
+        cae, paths, 32, "stretch", epochs=2, batch_size=8, num_workers=0, device=cpu, progress=progress
+    )
+    assert (training["images"], training["train_images"], training["val_images"]) == (12, 11, 1)
+    assert training["epochs_run"] == 2 and len(training["val_mse"]) == training["epochs_run"]
+    assert training["best_epoch"] == 1 + int(np.argmin(training["val_mse"]))
+    assert all(np.isfinite(training["train_mse"])) and training["precision"] == "fp32"
+    assert "guard decoder: epoch 2/2" in seen and "guard: encoding" in seen
+    val = encode_images(
+        cae.encoder, validation_split(paths, 0)[1], 32, "stretch", batch_size=8, num_workers=0, device=cpu
+    )
+    items = [val[i] for i in range(len(val))]
+    # the decoder left in ``cae`` is the best epoch's: it scores the best validation MSE
+    with torch.no_grad():
+        loss, _ = DecoderReconstruction()(
+            cae.decoder.eval(),
+            torch.stack([i["image"] for i in items]),
+            torch.stack([i["label"] for i in items]),
+        )
+    assert loss.item() == pytest.approx(min(training["val_mse"]), rel=1e-5)
+    assert all(torch.equal(v, untrained[k]) for k, v in cae.encoder.state_dict().items())  # frozen
+    assert not any(p.requires_grad for p in cae.parameters())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_decoder_stops_the_fit_and_leaves_the_model_as_it_was(tmp_path, xrays, monkeypatch):
+    model = _classifier(tmp_path / "clf")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = _manifest(tmp_path / "fit.csv", xrays[:40])
+
+    original = DecoderReconstruction.__call__
+
+    def diverging(self, model, features, targets):
+        loss, out = original(self, model, features, targets)
+        return loss * float("nan"), out
+
+    monkeypatch.setattr(DecoderReconstruction, "__call__", diverging)
+    with pytest.raises(
+        NonFiniteLossError, match=r"OOD guard's decoder: loss became nan at epoch 1, training"
+    ):
+        calibrate_ood(model, data, epochs=2, batch_size=16)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -378,7 +444,9 @@ def test_calibrate_ood_cli_refits_and_reports(cli, tmp_path, xrays):
     assert "own fine-tuned encoder" in result.output  # no encoder_init: said in a note
     first, weights = read_config(model)["ood"], load_file(model / GUARD_NAME)
     assert first["n_images"] == 20 and first["data"]["held_out_from_decoder"] is True  # 20% held out
-    assert first["autoencoder"]["decoder_training"]["images"] == 40
+    training = first["autoencoder"]["decoder_training"]
+    assert (training["images"], training["train_images"], training["val_images"]) == (40, 36, 4)
+    assert "40 images, 1 of 1 epochs, best 1" in result.output
     result = cli("calibrate-ood", model, data, "--max-images", "60", "--reuse-guard", "--json")
     info = json.loads(result.stdout)
     again = read_config(model)["ood"]

@@ -16,8 +16,8 @@ from cxrcae.errors import CheckpointError, CxrcaeError  # noqa: E402
 from cxrcae.infer import quantize as q  # noqa: E402
 from cxrcae.infer.prediction import predict  # noqa: E402
 from cxrcae.infer.quantize import INT8_NAME, agreement, int8_cache_path, quantize_onnx  # noqa: E402
-from cxrcae.models import build_model  # noqa: E402
 from cxrcae.models.checkpoint import read_config, save_checkpoint  # noqa: E402
+from cxrcae.tasks import build_model  # noqa: E402
 
 NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
 CONFIG = {"kind": "classifier", "head": "lstm", "image_size": 64, "class_names": NAMES, "resize_mode": "pad"}

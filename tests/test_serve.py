@@ -34,7 +34,7 @@ from cxrcae.hub.resolve import load_model
 from cxrcae.infer.prediction import predict
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
 from cxrcae.models.checkpoint import read_config, save_checkpoint
-from cxrcae.models.guard import save_guard
+from cxrcae.ood.guard import save_guard
 from cxrcae.serve import ModelRunner, ServerInfo, binding_warnings, create_app, is_loopback
 from cxrcae.serve.server import bind
 from cxrcae.serve.uploads import private_copy, sniff_format

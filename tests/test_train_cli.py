@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from cxrcae import bundled
+
 SMOKE = ["--image-size", "32", "--batch-size", "4", "--limit-batches", "1", "--num-workers", "0"]
 
 
@@ -40,10 +44,14 @@ def test_pretrain_then_finetune_cli(cli, mini_folder, tmp_path):
     assert cfg["training"]["stages"] == ["head", "conv6"]
 
 
-def test_finetune_requires_encoder_choice(cli, mini_folder, tmp_path):
-    res = cli("finetune", mini_folder, "--out", tmp_path / "clf", *SMOKE)
-    assert res.exit_code == 2
-    assert "--encoder" in res.output
+@pytest.mark.skipif(bundled.bundled_encoder() is None, reason="build without bundled weights")
+def test_finetune_defaults_to_the_bundled_encoder(cli, mini_folder, tmp_path):
+    res = cli("finetune", mini_folder, "--out", tmp_path / "clf", "--stages", "head", "--epochs", "1", *SMOKE)
+    assert res.exit_code == 0, res.output
+    init = json.loads((tmp_path / "clf" / "best" / "config.json").read_text())["encoder_init"]
+    assert init["ref"] == "bundled" and init["resolved"] == str(bundled.bundled_encoder())
+    res = cli("finetune", mini_folder, "--out", tmp_path / "t", "--encoder", "timm:resnet18", *SMOKE)
+    assert res.exit_code == 1 and "a timm model can be probed" in res.output
 
 
 def test_finetune_encoder_none_and_resume_cli(cli, mini_folder, tmp_path):

@@ -39,6 +39,7 @@ API_MODULES = (
     ("cxrcae.models", "cxrcae.models: networks"),
     ("cxrcae.tasks", "cxrcae.tasks: the task registry"),
     ("cxrcae.hub", "cxrcae.hub: checkpoints and the Hub"),
+    ("cxrcae.ood", "cxrcae.ood: the out-of-distribution guard"),
     ("cxrcae.train", "cxrcae.train: training"),
     ("cxrcae.metrics", "cxrcae.metrics"),
     ("cxrcae.eval", "cxrcae.eval: evaluation"),

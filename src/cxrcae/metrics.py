@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 # Per-class metrics; the macro/weighted rows average them (accuracy is overall, not averaged).
 CLASS_METRICS = ("precision", "recall", "specificity", "f1", "auc")
@@ -361,6 +367,181 @@ def full_report(
         report["ci"] = bootstrap_intervals(
             y, p, class_names, groups=groups, n_resamples=n_resamples, seed=seed, n_bins=n_bins
         )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-label: per-label AUC, average precision and F1 at a chosen threshold; macro and micro; bootstrap
+# ---------------------------------------------------------------------------------------------------------
+
+MULTILABEL_METRICS = ("auc", "ap", "f1", "precision", "recall")
+_CELLS_PER_CHUNK = 20_000_000  # resample x (image, label) cells held at once by the micro bootstrap
+
+
+def _check_multilabel(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 2 or p.shape != y.shape:
+        raise ValueError(f"targets and probs must both be (n, n_labels), got {y.shape} and {p.shape}")
+    return y, p
+
+
+def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per label, the cut that maximises F1 on these (validation) scores: midway between the lowest score
+    called positive and the next one below (0 when every image is called positive; ``default`` for a label
+    without a positive image here). Predict positive where ``prob >= threshold``."""
+    y, p = _check_multilabel(y_true, probs)
+    out = np.full(y.shape[1], float(default))
+    for k in range(y.shape[1]):
+        n_pos = int(y[:, k].sum())
+        if n_pos == 0:
+            continue
+        order = np.argsort(-p[:, k], kind="mergesort")
+        s, pos = p[order, k], y[order, k]
+        last = np.r_[s[1:] != s[:-1], True]  # the last image of each run of equal scores
+        tp = np.cumsum(pos)[last]
+        called = np.flatnonzero(last) + 1
+        f1 = 2 * tp / (called + n_pos)
+        g = int(np.argmax(f1))
+        cuts = s[last]
+        out[k] = (cuts[g] + cuts[g + 1]) / 2 if g + 1 < cuts.size else 0.0
+    return out
+
+
+def multilabel_metrics(
+    y_true: np.ndarray, probs: np.ndarray, names: Sequence[str], thresholds: Sequence[float]
+) -> dict:
+    """Per-label ROC AUC, average precision, and precision / recall / F1 at ``thresholds``, from
+    scikit-learn; ``macro`` averages the labels (undefined ones left out), ``micro`` pools every
+    (image, label) pair. Returns ``{"n", "per_label": {name: {..., "threshold", "support"}}, "macro",
+    "micro"}``; AUC and AP are NaN for a label without both a positive and a negative image."""
+    y, p = _check_multilabel(y_true, probs)
+    thr = np.asarray(thresholds, dtype=np.float64)
+    pred = p >= thr[None, :]
+    per_label = {}
+    for k, name in enumerate(names):
+        prec, rec, f1, _ = precision_recall_fscore_support(
+            y[:, k], pred[:, k], average="binary", zero_division=0
+        )
+        support = int(y[:, k].sum())
+        per_label[name] = {
+            "auc": _auc_sklearn(y[:, k], p[:, k]),
+            "ap": _ap_sklearn(y[:, k], p[:, k]),
+            "precision": float(prec),
+            "recall": float(rec) if support else float("nan"),
+            "f1": float(f1) if support else float("nan"),
+            "threshold": float(thr[k]),
+            "support": support,
+        }
+    macro = {m: _nanmean(np.array([per_label[n][m] for n in names])) for m in MULTILABEL_METRICS}
+    flat_y, flat_p = y.ravel(), p.ravel()
+    tp, fp, fn = (y & pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
+    micro = {
+        "auc": _auc_sklearn(flat_y, flat_p),
+        "ap": _ap_sklearn(flat_y, flat_p),
+        "precision": float(tp / (tp + fp)) if tp + fp else 0.0,
+        "recall": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fn else float("nan"),
+    }
+    return {"n": int(y.shape[0]), "per_label": per_label, "macro": macro, "micro": micro}
+
+
+def _ap_sklearn(positive: np.ndarray, scores: np.ndarray) -> float:
+    if positive.all() or not positive.any():
+        return float("nan")
+    return float(average_precision_score(positive, scores))
+
+
+def _weighted_ap(weights: np.ndarray, positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(B, n) weights -> (B,) average precision, sum over score cuts of precision x recall gained; NaN where
+    a resample has no positive (or no negative). Equals ``average_precision_score(..., sample_weight=w)``."""
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    w = weights[:, order]
+    pos = positive[order]
+    w_pos = np.add.reduceat(w * pos, starts, axis=1)
+    w_neg = np.add.reduceat(w * ~pos, starts, axis=1)
+    tps, fps = np.cumsum(w_pos, axis=1), np.cumsum(w_neg, axis=1)
+    precision = _safe_div(tps, tps + fps)
+    total_pos, total_neg = tps[:, -1], fps[:, -1]
+    ap = _safe_div((precision * w_pos).sum(axis=1), total_pos, np.nan)
+    ap[(total_pos == 0) | (total_neg == 0)] = np.nan
+    return ap
+
+
+def _multilabel_replicates(weights: np.ndarray, y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> dict:
+    """Every multi-label metric for every resample of one chunk: per-label (B, K), macro and micro (B,)."""
+    k = y.shape[1]
+    tp = weights @ (y & pred).astype(np.float64)
+    fp = weights @ (~y & pred).astype(np.float64)
+    fn = weights @ (y & ~pred).astype(np.float64)
+    has_pos = (tp + fn) > 0
+    per = {
+        "auc": np.stack([_weighted_auc(weights, y[:, j], p[:, j]) for j in range(k)], axis=1),
+        "ap": np.stack([_weighted_ap(weights, y[:, j], p[:, j]) for j in range(k)], axis=1),
+        "precision": _safe_div(tp, tp + fp),
+        "recall": np.where(has_pos, _safe_div(tp, tp + fn), np.nan),
+        "f1": np.where(has_pos, _safe_div(2 * tp, 2 * tp + fp + fn), np.nan),
+    }
+    out: dict[str, np.ndarray] = {}
+    for name, arr in per.items():
+        out[f"label:{name}"] = arr
+        valid = ~np.isnan(arr)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"macro:{name}"] = np.where(valid.any(1), np.nansum(arr, 1) / valid.sum(1), np.nan)
+    flat_w = np.repeat(weights, k, axis=1)
+    ttp, tfp, tfn = tp.sum(1), fp.sum(1), fn.sum(1)
+    out["micro:auc"] = _weighted_auc(flat_w, y.ravel(), p.ravel())
+    out["micro:ap"] = _weighted_ap(flat_w, y.ravel(), p.ravel())
+    out["micro:precision"] = _safe_div(ttp, ttp + tfp)
+    out["micro:recall"] = _safe_div(ttp, ttp + tfn, np.nan)
+    out["micro:f1"] = _safe_div(2 * ttp, 2 * ttp + tfp + tfn, np.nan)
+    return out
+
+
+def multilabel_report(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    names: Sequence[str],
+    thresholds: Sequence[float],
+    *,
+    groups: Sequence[str | None] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """``multilabel_metrics`` plus (when ``n_resamples`` > 0) percentile bootstrap intervals under
+    ``"ci"``: ``{"per_label": {name: {metric: [lo, hi]}}, "macro", "micro", "n_resamples",
+    "unit", "n_units", "level", "seed"}``; patients (``groups``) are resampled whole."""
+    y, p = _check_multilabel(y_true, probs)
+    report = multilabel_metrics(y, p, names, thresholds)
+    report["label_names"] = list(names)
+    if n_resamples <= 0 or not y.shape[0]:
+        return report
+    has_groups = groups is not None and any(g not in (None, "") for g in groups)
+    weights = resample_weights(y.shape[0], n_resamples, seed, groups if has_groups else None)
+    pred = p >= np.asarray(thresholds, dtype=np.float64)[None, :]
+    chunk = max(1, _CELLS_PER_CHUNK // max(1, y.size))
+    parts = [_multilabel_replicates(weights[i : i + chunk], y, p, pred) for i in range(0, n_resamples, chunk)]
+    reps = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def ci(arr: np.ndarray) -> list[float]:
+        return list(_interval(arr, level))
+
+    report["ci"] = {
+        "per_label": {
+            name: {m: ci(reps[f"label:{m}"][:, j]) for m in MULTILABEL_METRICS}
+            for j, name in enumerate(names)
+        },
+        "macro": {m: ci(reps[f"macro:{m}"]) for m in MULTILABEL_METRICS},
+        "micro": {m: ci(reps[f"micro:{m}"]) for m in MULTILABEL_METRICS},
+        "n_resamples": int(n_resamples),
+        "unit": "patient" if has_groups else "image",
+        "n_units": int(_units(groups).max() + 1) if has_groups else int(y.shape[0]),
+        "level": level,
+        "seed": int(seed),
+    }
     return report
 
 

@@ -58,6 +58,7 @@ COMMAND_ORDER = (
     "calibrate-ood",
     "reconstruct",
     "embed",
+    "probe",
     "export",
     "push",
     "pull",

@@ -30,7 +30,8 @@ class XrayDataset(Dataset):
     """Items ``{"image": (3,S,S) float32 in [0,1], "label": int, "path": str, "patient_id": str}``.
 
     ``label`` indexes ``class_names`` (sorted labels of ``records`` unless given, e.g. from a checkpoint);
-    it is -1 for unlabeled images and for labels outside ``class_names``. ``transform`` (augmentation)
+    it is -1 for unlabeled images and for labels outside ``class_names``. With ``targets`` (one per record,
+    e.g. a task's 0/1 vector or masks) ``label`` is the record's target instead. ``transform`` (augmentation)
     receives and returns the image tensor. With ``decoded`` (a ``DecodedCache``) each file is decoded once and
     read back from the cache afterwards; augmentation still runs on every access.
     """
@@ -43,6 +44,7 @@ class XrayDataset(Dataset):
         class_names: Sequence[str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         decoded: DecodedCache | None = None,
+        targets: Sequence[Any] | None = None,
     ):
         if image_size < 1:
             raise DataError(f"image size must be a positive number of pixels, got {image_size}")
@@ -54,9 +56,17 @@ class XrayDataset(Dataset):
         self.decoded = decoded
         index = {name: i for i, name in enumerate(self.class_names)}
         self._labels = [index.get(r.label, -1) if r.label is not None else -1 for r in self.records]
+        if targets is not None and len(targets) != len(self.records):
+            raise DataError(f"{len(targets)} targets for {len(self.records)} images")
+        self._targets = None if targets is None else list(targets)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def targets(self) -> list[Any] | None:
+        """The per-record targets given at construction (None: class indices from ``class_names``)."""
+        return None if self._targets is None else list(self._targets)
 
     @property
     def labels(self) -> list[int]:
@@ -78,7 +88,7 @@ class XrayDataset(Dataset):
             image = self.transform(image)
         return {
             "image": image,
-            "label": self._labels[index],
+            "label": self._labels[index] if self._targets is None else self._targets[index],
             "path": self.path(index),
             "patient_id": record.patient_id or "",
         }

@@ -137,10 +137,7 @@ def _load_csv(csv_path: Path, *, labeled: bool) -> list[Record]:
     base = _abspath(csv_path).parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            sample = f.read(8192)
-            f.seek(0)
-            delimiter = "\t" if "\t" in sample.split("\n", 1)[0] else ","
-            reader = csv.DictReader(f, delimiter=delimiter)
+            reader = csv.DictReader(f, delimiter=_delimiter(f))
             columns = [c.strip() for c in (reader.fieldnames or [])]
             reader.fieldnames = columns
             rows = list(reader)
@@ -188,6 +185,26 @@ def _load_csv(csv_path: Path, *, labeled: bool) -> list[Record]:
             + (f" (and {len(bad_splits) - _SHOW} more)" if len(bad_splits) > _SHOW else "")
         )
     return records
+
+
+def _delimiter(f: Any) -> str:
+    """Tab when the header line has one, else comma; ``f`` is left at its start."""
+    sample = f.read(8192)
+    f.seek(0)
+    return "\t" if "\t" in sample.split("\n", 1)[0] else ","
+
+
+def manifest_columns(csv_path: str | Path) -> list[str]:
+    """The header of a manifest CSV as ``load_records`` reads it (names stripped), to tell a missing column
+    from one that is empty in every row."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter=_delimiter(f)), [])
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: malformed CSV ({exc})") from None
+    return [c.strip() for c in header]
 
 
 def _preview(paths: Sequence[Path]) -> str:

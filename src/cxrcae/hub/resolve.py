@@ -9,6 +9,10 @@ that config.json describes holds), config.json is validated before the weights a
 that has only pickled weights is refused without downloading them. Hub settings (``HF_ENDPOINT``,
 ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) are huggingface_hub's own, read from
 ``huggingface_hub.constants``; nothing here re-derives them.
+
+Where an encoder is wanted (``load_encoder``, ``encoder_state``, finetune's ``--encoder``), ``bundled`` names
+the encoder shipped in the package (``resolve_encoder_checkpoint``); ``cxrcae.hub.encoders`` adds ``random``
+and timm models on top.
 """
 
 from __future__ import annotations
@@ -36,16 +40,18 @@ from cxrcae.models.checkpoint import (
     CARD_NAME,
     CONFIG_MAX_BYTES,
     CONFIG_NAME,
+    GUARD_BLOCK,
+    GUARD_NAME,
     WEIGHTS_NAME,
     encoder_state_of_folder,
     expected_tensors,
+    guard_tensors,
     load_folder,
     load_state_strict,
     max_weights_bytes,
     read_config,
 )
 from cxrcae.models.encoder import PretrainedEncoder
-from cxrcae.models.guard import GUARD_NAME
 from cxrcae.tasks import Task, build_model, task_name, task_of
 
 try:  # the HTTP client huggingface_hub >= 1.0 uses
@@ -157,10 +163,9 @@ def download_checkpoint(ref: str, *, token: str | None = None) -> Path:
             fetch(CARD_NAME, commit, CONFIG_MAX_BYTES)
         except EntryNotFoundError:
             pass  # a card is welcome, not required
-        if "ood" in (config := read_config(folder)):  # its OOD guard (cxrcae.models.guard), checked on load
-            guard_config = {"kind": "autoencoder", "in_chans": config.get("in_chans", 3)}
+        if GUARD_BLOCK in (config := read_config(folder)):  # its OOD guard (cxrcae.ood), checked on load
             try:
-                fetch(GUARD_NAME, commit, max_weights_bytes(expected_tensors(guard_config, build_model)))
+                fetch(GUARD_NAME, commit, max_weights_bytes(guard_tensors(config)))
             except EntryNotFoundError:
                 pass  # predict then says the guard is missing and runs the other checks
     except (CxrcaeError, KeyboardInterrupt):
@@ -221,6 +226,17 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
+BUNDLED_ENCODER = "bundled"
+"""The encoder name that means the one shipped in the package (unless a folder of that name exists)."""
+
+
+def resolve_encoder_checkpoint(ref: str | Path) -> Path:
+    """``resolve_checkpoint`` for a model whose encoder is wanted: ``bundled`` names the shipped encoder."""
+    if str(ref) == BUNDLED_ENCODER and not Path(ref).exists():
+        return bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
+    return resolve_checkpoint(ref)
+
+
 def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from config.json and load its weights strictly: (model in eval mode, config).
 
@@ -230,7 +246,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     config = read_config(folder)
     if task_name(config) is not None:
         task_of(config, folder / CONFIG_NAME)
-    return load_folder(folder, device, build_model)
+    return load_folder(folder, build_model, device)
 
 
 @dataclass
@@ -332,17 +348,17 @@ def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module
 
 
 def encoder_state(ref: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The encoder's tensors (keys without the ``encoder.`` prefix) from any checkpoint kind."""
-    return encoder_state_of_folder(resolve_checkpoint(ref), build_model)
+    """The encoder's tensors (keys without ``encoder.``) from any checkpoint kind, or ``bundled``."""
+    return encoder_state_of_folder(resolve_encoder_checkpoint(ref), build_model)
 
 
 def load_encoder(
     ref: str | Path | None = None, pooled: bool = False, device: str | torch.device = "cpu"
 ) -> PretrainedEncoder:
     """The encoder of any cxrcae checkpoint (folder or Hub id ``user/repo[@rev]``), strict, eval mode;
-    without ``ref``, the X-ray-pretrained encoder shipped with the package."""
+    without ``ref`` (or with ``"bundled"``), the X-ray-pretrained encoder shipped with the package."""
     if ref is None:
-        ref = bundled.require(bundled.bundled_encoder(), "encoder", "pass a checkpoint folder or Hub id")
+        ref = BUNDLED_ENCODER
     state, config = encoder_state(ref)
     encoder = PretrainedEncoder(config, pooled=pooled)
     load_state_strict(encoder, state, f"{ref} (encoder)")

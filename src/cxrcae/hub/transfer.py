@@ -43,8 +43,7 @@ from cxrcae.hub.resolve import (
     resolve_checkpoint,
 )
 from cxrcae.models.cae import CAEEncoder
-from cxrcae.models.checkpoint import load_state_strict, save_checkpoint
-from cxrcae.models.guard import GUARD_NAME, guard_block, load_guard
+from cxrcae.models.checkpoint import GUARD_NAME, load_state_strict, read_guard, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 
 # Config keys that describe a whole autoencoder/classifier, not the encoder taken out of it.
@@ -199,8 +198,7 @@ def prepare_upload(
     else:
         shutil.copyfile(src / WEIGHTS_NAME, staging / WEIGHTS_NAME)  # byte for byte: the sha256 still matches
         shutil.copyfile(src / CONFIG_NAME, staging / CONFIG_NAME)
-        if guard_block(config) is not None:  # the OOD guard travels with its classifier, checked first
-            load_guard(src, config)
+        if read_guard(src, config) is not None:  # the OOD guard travels with its classifier, checked first
             shutil.copyfile(src / GUARD_NAME, staging / GUARD_NAME)
     if card is not None:
         text = Path(card).read_text("utf-8")

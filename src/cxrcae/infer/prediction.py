@@ -9,7 +9,7 @@ and top classes). A file that cannot be read becomes an ``error`` row with its r
 while scanning a folder becomes a ``skipped`` row. ``predict`` is the notebook form returning a list;
 ``cxrcae.infer.predict_run.run_predict`` writes the rows to a file.
 
-Every decoded input is screened (``cxrcae.infer.ood``; ``ood=False`` turns it off): a DICOM header that
+Every decoded input is screened (``cxrcae.ood.screen``; ``ood=False`` turns it off): a DICOM header that
 is not a chest radiograph gives a "refused" row without an answer; a lateral view, a coloured or blank image,
 or a reconstruction error above the model's OOD guard threshold sets ``out_of_distribution`` (a classifier's
 label becomes "uncertain"; ``top_class`` and the probabilities stay).
@@ -42,10 +42,10 @@ from cxrcae.hub.resolve import LoadedModel
 from cxrcae.infer.batches import UniqueNames, answering_model
 from cxrcae.infer.explain import GradCAM, save_overlay
 from cxrcae.infer.onnx import onnx_classifier, require_onnxruntime
-from cxrcae.infer.ood import REFUSED, UNCERTAIN, Screen, Verdict
 from cxrcae.infer.quantize import int8_classifier
 from cxrcae.infer.workers import WorkerPlan, threads_beside
 from cxrcae.io import find_images
+from cxrcae.ood.screen import REFUSED, UNCERTAIN, Screen, Verdict
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast, resolve_device, resolve_precision
 from cxrcae.tasks import Task

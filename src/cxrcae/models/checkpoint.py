@@ -15,6 +15,10 @@ weights file may be no larger than the model config.json describes needs (so not
 and its safetensors header (at most ``HEADER_MAX_BYTES``) must describe exactly that model's tensors, names,
 shapes and dtypes, lying inside the file: a header that claims terabytes or tensors of the wrong shape or
 dtype is refused before any tensor is built.
+
+A classifier's folder may also hold its out-of-distribution guard (``GUARD_NAME``), named with its own sha256
+by the ``ood`` block of config.json; ``read_guard`` reads it with the same checks. What the guard is and does
+is ``cxrcae.ood``'s; this module only keeps the folder's files consistent.
 """
 
 from __future__ import annotations
@@ -41,11 +45,16 @@ from cxrcae import __version__
 from cxrcae._atomic import atomic_write_many
 from cxrcae.errors import CheckpointError
 from cxrcae.io.resize import RESIZE_MODES
-from cxrcae.models.factory import ARCHITECTURE, build_model
+from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
+from cxrcae.models.factory import ARCHITECTURE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+GUARD_NAME = "ood.safetensors"
+"""The out-of-distribution guard's weights (``cxrcae.ood``), beside a classifier's own when config.json has
+an ``ood`` block (``GUARD_BLOCK``); Hub transfers move it with the model."""
+GUARD_BLOCK = "ood"
 FORMAT_VERSION = 1
 
 # What every model's input contract defaults to: the paper rescales pixels to [0, 1] and feeds 3 channels.
@@ -261,13 +270,11 @@ def validate_config(cfg: dict[str, Any], where: str | Path = CONFIG_NAME) -> Non
 
 
 Builder = Callable[[dict[str, Any]], nn.Module]
-"""Rebuilds a model from its config.json: ``cxrcae.tasks.build_model`` for any task; this module's default
-knows only the bare encoder (``models.factory``)."""
+"""Rebuilds a model from its config.json: ``cxrcae.tasks.build_model``, which knows every task's network
+(this layer does not: tasks sit above it)."""
 
 
-def expected_tensors(
-    config: dict[str, Any], build: Builder = build_model
-) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_tensors(config: dict[str, Any], build: Builder) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, safetensors dtype) of every tensor the model of ``config`` holds (built on the
     meta device: no memory is allocated, whatever size the config asks for)."""
     with torch.device("meta"):
@@ -329,20 +336,23 @@ def read_weights(
     folder: Path,
     config: dict[str, Any] | None = None,
     expected: dict[str, tuple[tuple[int, ...], str]] | None = None,
+    *,
+    name: str = WEIGHTS_NAME,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder/model.safetensors``, never unpickled.
+    """The tensors of ``folder/model.safetensors`` (or ``folder/name``), never unpickled.
 
     With ``expected`` (``expected_tensors``), a file larger than those tensors need is refused unread, and
-    the header's names, shapes and dtypes must be those; the file must match config.json's sha256; the
-    header must describe tensors that lie inside the file, contiguously."""
+    the header's names, shapes and dtypes must be those; the file must match the ``weights_sha256`` of
+    ``config`` (config.json, or the block that names the file); the header must describe tensors that lie
+    inside the file, contiguously."""
     folder = Path(folder)
-    weights = folder / WEIGHTS_NAME
+    weights = folder / name
     if not (weights.exists() or weights.is_symlink()):
         pickled = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5")]
         hint = f" (found {', '.join(pickled)}: pickled/Keras weights are never loaded)" if pickled else ""
-        raise CheckpointError(f"{folder}: missing {WEIGHTS_NAME}{hint}")
+        raise CheckpointError(f"{folder}: missing {name}{hint}")
     limit = max_weights_bytes(expected) if expected is not None else 2**62
-    weights = member(folder, WEIGHTS_NAME, limit)
+    weights = member(folder, name, limit)
     size = weights.stat().st_size
     with open(weights, "rb") as f:
         blob = f.read(size + 1)
@@ -364,6 +374,34 @@ def read_weights(
         return load(blob)
     except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
+
+
+def guard_tensors(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``expected_tensors`` of the guard autoencoder of the model of ``config`` (its input channels)."""
+    in_chans = int(config.get("in_chans", 3))
+    return expected_tensors(config, lambda _: ConvAutoencoder(CAEEncoder(in_chans), CAEDecoder(in_chans)))
+
+
+def read_guard(folder: str | Path, config: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The tensors of the guard file config.json's ``ood`` block names, or None without a block.
+
+    Checked as ``read_weights`` checks the model's (inside the folder, bounded, the block's sha256, names
+    and shapes of the guard autoencoder); a missing file is a ``CheckpointError`` saying how to re-fit it."""
+    block = config.get(GUARD_BLOCK)
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise CheckpointError(f"config.json '{GUARD_BLOCK}' must be an object, got {type(block).__name__}")
+    name = block.get("file", GUARD_NAME)
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise CheckpointError(f"config.json '{GUARD_BLOCK}' file must be a file name, got {name!r}")
+    folder = Path(folder)
+    if not ((folder / name).exists() or (folder / name).is_symlink()):
+        raise CheckpointError(
+            f"{folder}: config.json has an OOD guard but {name} is missing; "
+            "re-fit it with `cxrcae calibrate-ood`"
+        )
+    return read_weights(folder, block, guard_tensors(config), name=name)
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -399,7 +437,7 @@ def _few(items: list[str], n: int = 5) -> str:
 
 
 def load_folder(
-    folder: str | Path, device: str | torch.device = "cpu", build: Builder = build_model
+    folder: str | Path, build: Builder, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a local checkpoint folder from config.json, weights loaded strictly."""
     folder = Path(folder)
@@ -411,7 +449,7 @@ def load_folder(
 
 
 def encoder_state_of_folder(
-    folder: str | Path, build: Builder = build_model
+    folder: str | Path, build: Builder
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The encoder's tensors (keys without the ``encoder.`` prefix) from a local folder of any kind."""
     folder = Path(folder)

@@ -17,6 +17,7 @@ from cxrcae.models.checkpoint import CONFIG_NAME
 from cxrcae.models.factory import build_model as build_backbone
 from cxrcae.tasks.base import Objective, Task
 from cxrcae.tasks.classify import Classify
+from cxrcae.tasks.multilabel import MultiLabel
 from cxrcae.tasks.reconstruct import Reconstruct
 
 TASKS: dict[str, Task] = {
@@ -24,6 +25,7 @@ TASKS: dict[str, Task] = {
     for task in (
         Reconstruct(),
         Classify(),
+        MultiLabel(),
     )
 }
 ENCODER_KIND = "encoder"

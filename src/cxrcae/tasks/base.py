@@ -20,7 +20,11 @@ by the checkpoint's config.json (``task``; older checkpoints have only ``kind`` 
   image) and ``prediction_files`` (files written per image, e.g. masks and overlays);
 - ``options``: the switches only some tasks have (classify: ``top_k``, ``threshold``, ``explain``,
   ``onnx``, ``calibrate``, ``bins``, ``serve``); a command given one its model's task lacks refuses it in
-  one line (``require_option``), so no command ever asks which task it runs.
+  one line (``require_option``), so no command ever asks which task it runs;
+- for fine-tuning on labelled data (``cxrcae finetune --task NAME``): ``target_fields`` (what the training
+  records say the outputs are, e.g. ``class_names``, checked against validation), ``dataset`` (items whose
+  ``"label"`` is this task's target: a class index, a 0/1 vector, masks), ``weighting`` (``--balance``) and
+  ``training_notes``. ``uses_label_column`` says whether a record needs the manifest's ``label`` column.
 
 Hooks added for what classify always did and other tasks may do too (each has a default that composes the
 ones above, so a task that implements only those still evaluates and predicts): ``evaluation_records``
@@ -28,10 +32,6 @@ ones above, so a task that implements only those still evaluates and predicts): 
 evaluate's predictions.csv), ``summary`` (the headline figures), ``prediction_blank`` /
 ``prediction_cells`` / ``prediction_display`` / ``flag_uncertain`` (a row without an answer, its CSV cells,
 its terminal cells, an answer flagged out of distribution).
-- for fine-tuning on labelled data (``cxrcae finetune --task NAME``): ``target_fields`` (what the training
-  records say the outputs are, e.g. ``class_names``, checked against validation), ``dataset`` (items whose
-  ``"label"`` is this task's target: a class index, a 0/1 vector, masks), ``weighting`` (``--balance``) and
-  ``training_notes``. ``uses_label_column`` says whether a record needs the manifest's ``label`` column.
 
 A new task is one module with a ``Task`` subclass, one line in ``cxrcae.tasks.TASKS``, and its tests.
 """
@@ -84,6 +84,11 @@ class Objective:
     def epoch_metrics(self, stats: EpochOutputs) -> dict[str, Any]:
         return {}
 
+    def epoch_fields(self) -> dict[str, Any]:
+        """config.json fields chosen on this epoch's validation (e.g. per-label thresholds); the best
+        epoch's are saved with its weights. Called after ``epoch_metrics``."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         return {}
 
@@ -134,6 +139,11 @@ class Task:
             raise CxrcaeError(f"{flag} is not available for a {self.name!r} model ({self.description})")
 
     def build(self, config: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def example(self, image_size: int = 32) -> tuple[dict[str, Any], torch.Tensor]:
+        """A small valid config.json body and a batch of two targets for it: what the registry's tests
+        build, train one step and round-trip for every task (timm's tests do the same per model)."""
         raise NotImplementedError
 
     def validate_config(self, config: dict[str, Any], where: str | Path) -> None:
@@ -269,7 +279,7 @@ class Task:
         return self.prediction_cells(values, config)
 
     def flag_uncertain(self, values: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-        """The values of an answer whose input the screen flagged out of distribution (``cxrcae.infer.ood``):
+        """The values of an answer whose input the screen flagged out of distribution (``cxrcae.ood.screen``):
         unchanged by default (the row says ``out_of_distribution``); classify's label becomes "uncertain"."""
         return values
 

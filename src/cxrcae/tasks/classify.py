@@ -112,6 +112,10 @@ class Classify(Task):
         head = build_head(config.get("head", "lstm"), len(names), int(config["image_size"]))
         return CXRClassifier(CAEEncoder(int(config.get("in_chans", 3))), head)
 
+    def example(self, image_size: int = 32) -> tuple[dict[str, Any], torch.Tensor]:
+        config = {"task": self.name, "kind": self.kind, "head": "dense5", "image_size": image_size}
+        return {**config, "class_names": ["0", "1", "2"]}, torch.tensor([0, 2])
+
     def validate_config(self, config: dict[str, Any], where: str | Path) -> None:
         if "image_size" not in config:
             raise CheckpointError(f"{where}: missing field 'image_size'")

@@ -79,6 +79,9 @@ class Reconstruct(Task):
         in_chans = int(config.get("in_chans", 3))
         return ConvAutoencoder(CAEEncoder(in_chans), CAEDecoder(in_chans))
 
+    def example(self, image_size: int = 32) -> tuple[dict[str, Any], torch.Tensor]:
+        return {"task": self.name, "kind": self.kind, "image_size": image_size}, torch.zeros(2)
+
     def objective(self, config: dict[str, Any], **_: Any) -> Objective:
         return Reconstruction()
 

@@ -15,7 +15,8 @@
    features (``cxrcae.train.features``): the same batches and results, far faster. Under ``torchrun`` this
    process is one of several (``cxrcae.train.distributed``): the training step runs through DDP on this
    process's share of every epoch's batches, every process validates and takes rank 0's validation loss, and
-   only rank 0 writes files and reports progress.
+   only rank 0 writes files and reports progress. A run without a folder (``out_dir=None``: the OOD guard's
+   decoder, ``cxrcae.train.guard``) writes nothing and cannot be resumed; its model ends on the best weights.
 
 Losses are computed in fp32 even under bf16/fp16 autocast; a non-finite loss stops the run at once naming
 the epoch and step, and keeps the last good checkpoint.
@@ -127,7 +128,8 @@ class EarlyStopping:
 
 @dataclass
 class Run:
-    """Everything ``fit`` needs; built by ``pretrain`` / ``finetune``."""
+    """Everything ``fit`` needs; built by ``pretrain`` / ``finetune`` (and, without a folder, by
+    ``cxrcae.train.guard`` for the OOD guard's decoder)."""
 
     command: str
     """The command that resumes this run (``cxrcae COMMAND --resume OUT``): "pretrain" | "finetune"."""
@@ -135,7 +137,8 @@ class Run:
     objective: Objective
     rt: Runtime
     cfg: TrainConfig
-    out_dir: Path
+    out_dir: Path | None
+    """The run folder (best/, last/, history.csv); None trains in memory only."""
     train_set: Dataset
     val_set: Dataset
     stages: list[StagePlan]
@@ -340,6 +343,7 @@ class FitOutcome:
             "best_val_loss": self.best.get("val_loss"),
             "best_metrics": self.best.get("metrics", {}),
             "stages_run": self.stages,
+            "best_fields": self.best.get("fields", {}),
             "skipped_files": len(set(self.skipped)),
         }
 
@@ -364,6 +368,8 @@ def fit(run: Run, resume: Resume | None = None) -> FitOutcome:
 
 
 def _resume_note(run: Run) -> str:
+    if run.out_dir is None:
+        return "a run without a folder keeps nothing: run the same command again"
     epoch = saved_epoch(run.out_dir)
     if epoch is None:
         return "nothing was saved yet: run the same command again"
@@ -399,7 +405,7 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
         else:
             resume_optimizer = optimizer_from_flat(tensors, state["optimizer"])
         restore_rng(tensors, state["rng"])
-    elif world.main:  # the first resume state: a run stopped in its first epoch resumes from here
+    elif world.main and out is not None:  # the first resume state: a run stopped in epoch 1 resumes from here
         with uninterrupted():
             start = {"stage_index": 0, "stage_epoch": 0, "epoch": 0}
             config = run.model_config(FitOutcome(history, best, stage_log).summary())
@@ -483,9 +489,12 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
                 best_state = _clone_state(model)
                 metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                 best = {"epoch": epoch, "stage": plan.name, "val_loss": val.loss, "metrics": metrics}
+                fields = run.objective.epoch_fields()  # what the task learned on this validation
+                if fields:
+                    best["fields"] = fields
                 stage_log[-1]["best_epoch"] = epoch
-            if not world.main:
-                continue  # the other processes hold the same weights and write nothing
+            if not world.main or out is None:
+                continue  # the others hold the same weights; they, and a run without a folder, write nothing
             position = {"stage_index": si, "stage_epoch": stage_epoch, "epoch": epoch}
             with uninterrupted():  # a Ctrl-C from here on takes effect once the epoch is saved
                 config = run.model_config(FitOutcome(history, best, stage_log, skipped).summary())
@@ -498,7 +507,7 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
     if best_state is not None:
         load_state_strict(model, best_state, f"{out}/{BEST}")
     outcome = FitOutcome(history, best, stage_log, skipped, time.perf_counter() - started)
-    if best_state is not None and world.main:  # final config (epochs run, stages) next to the best weights
+    if best_state is not None and world.main and out is not None:  # final config next to the best weights
         with uninterrupted():
             _save_best(model, out, run.model_config(outcome.summary()))
     return outcome
@@ -636,7 +645,11 @@ def _epoch_info(row: dict[str, Any], objective: Objective) -> str:
     return " · ".join(parts) + (" *" if row["best"] else "")
 
 
-def _nan_message(message: str, out: Path, best: dict[str, Any]) -> str:
+def _nan_message(message: str, out: Path | None, best: dict[str, Any]) -> str:
+    """``message`` and what the run kept; a run without a folder kept nothing (its caller says what that
+    means for the user)."""
+    if out is None:
+        return message
     if best.get("epoch") is None:
         kept = "no checkpoint had been saved yet"
     else:

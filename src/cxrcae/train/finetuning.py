@@ -15,7 +15,7 @@ Run folder (OUT):
   splits.csv      the train/val/test split, when DATA was split on the fly
 
 When the encoder came from a CAE pretraining folder, ``best/`` also gets the out-of-distribution guard
-(``ood.safetensors`` + the ``ood`` block of config.json; ``cxrcae.train.guard``): that autoencoder, with a
+(``ood.safetensors`` + the ``ood`` block of config.json; ``cxrcae.ood``): that autoencoder, with a
 threshold from the training images' reconstruction errors. Otherwise a note says how to fit one.
 """
 
@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrcae.hub.resolve import encoder_state, resolve_checkpoint
+from cxrcae.hub.resolve import encoder_state, resolve_encoder_checkpoint
 from cxrcae.io.decoded import DecodedCache
 from cxrcae.models.checkpoint import load_state_strict
+from cxrcae.ood.fitting import guard_after_finetune
 from cxrcae.paths import home_dir
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, reproducible, resolve_device
@@ -53,7 +54,6 @@ from cxrcae.train.engine import (
     run_lock,
     train_result,
 )
-from cxrcae.train.guard import guard_after_finetune
 from cxrcae.train.plots import loss_curves
 from cxrcae.train.speed import training_precision
 
@@ -82,7 +82,7 @@ def load_encoder_init(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     state, config = encoder_state(ref)
     provenance = {
         "ref": str(ref),
-        "resolved": str(resolve_checkpoint(ref)),
+        "resolved": str(resolve_encoder_checkpoint(ref)),
         "kind": config.get("kind"),
         "weights_sha256": config.get("weights_sha256"),
         "image_size": config.get("image_size"),
@@ -162,8 +162,10 @@ def run_finetune(
 
     def model_config(summary: dict[str, Any]) -> dict[str, Any]:
         best = summary.get("best_metrics", {})
+        learned = summary.get("best_fields") or {}  # e.g. thresholds chosen on validation at the best epoch
         return {
             **network,
+            **learned,
             "training": {
                 "task": KIND,
                 "objective": objective.name + ("_class_weighted" if weight is not None else ""),

@@ -66,6 +66,17 @@ CacheDecodedOpt = Annotated[
         rich_help_panel=RUNTIME,
     ),
 ]
+OptimizerOpt = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        help="Optimiser of every stage: adam (the paper's), adamw (decoupled weight decay) or sgd "
+        "(Nesterov momentum 0.9).",
+    ),
+]
+WeightDecayOpt = Annotated[
+    float, typer.Option("--weight-decay", min=0.0, help="Weight decay of the optimiser (0: none).")
+]
 ResumeOpt = Annotated[
     Path | None,
     typer.Option(

@@ -47,7 +47,13 @@ def calibrate_ood_command(
         str, typer.Option("--split", help="Rows of a splits CSV to fit on (test rows are never used).")
     ] = "train",
     epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Decoder training epochs when no decoder is available.")
+        int,
+        typer.Option(
+            "--epochs",
+            min=1,
+            help="Most decoder training epochs when no decoder is available (it stops early when its "
+            "validation MSE stops improving; the best epoch is kept).",
+        ),
     ] = 5,
     quantile: Annotated[
         float,
@@ -121,8 +127,9 @@ def calibrate_ood_command(
     ]
     training = info.get("decoder_training")
     if training:
-        rows.insert(1, ["decoder training", f"{training['images']} images, {training['epochs']} epochs"])
-        rows.insert(2, ["decoder train MSE (last epoch)", training["train_mse"][-1]])
+        epochs = f"{training['epochs_run']} of {training['epochs']} epochs, best {training['best_epoch']}"
+        rows.insert(1, ["decoder training", f"{training['images']} images, {epochs}"])
+        rows.insert(2, ["decoder validation MSE (best epoch)", min(training["val_mse"])])
     console.print(make_table("Out-of-distribution guard", ["", "value"], rows))
     for note in info.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -15,9 +15,11 @@ from cxrcae.cli.commands._training import (
     ChannelsLastOpt,
     ImageSizeOpt,
     LimitBatchesOpt,
+    OptimizerOpt,
     OutOpt,
     ResumeOpt,
     TrainWorkersOpt,
+    WeightDecayOpt,
     config_from_options,
     render_result,
     require_data_and_out,
@@ -36,14 +38,14 @@ def finetune_command(
         ),
     ] = None,
     encoder: Annotated[
-        str | None,
+        str,
         typer.Option(
             "--encoder",
-            help="Pretrained encoder: a CAE or classifier checkpoint folder, a Hub id user/repo "
-            "(or user/repo@rev), "
-            "or 'none' for random initialisation (the baseline that shows what pretraining buys).",
+            help="Pretrained encoder: bundled (the X-ray encoder shipped with cxrcae), a CAE or classifier "
+            "checkpoint folder, a Hub id user/repo (or user/repo@rev), or random (also: none) for random "
+            "initialisation (the baseline that shows what pretraining buys).",
         ),
-    ] = None,
+    ] = "bundled",
     out: OutOpt = None,
     head: Annotated[
         str, typer.Option("--head", help="Classification head: lstm (proposed), lstm3, lstm-dense3, dense5.")
@@ -64,6 +66,8 @@ def finetune_command(
     lr_unfrozen: Annotated[
         float, typer.Option("--lr-unfrozen", help="Adam learning rate of stages that train encoder layers.")
     ] = 1e-5,
+    optimizer: OptimizerOpt = "adam",
+    weight_decay: WeightDecayOpt = 0.0,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Early stopping per stage: epochs without improvement.")
     ] = 5,
@@ -102,20 +106,17 @@ def finetune_command(
     with the weights an uninterrupted run reaches. One command at a time writes OUT.
     """
     from cxrcae.cli.common import progress_bar
+    from cxrcae.hub.encoders import cae_encoder_ref
     from cxrcae.train import FinetuneConfig, finetune, resume_run
     from cxrcae.train.distributed import current
 
     require_data_and_out(data, out, resume)
-    if resume is None and encoder is None:
-        raise typer.BadParameter(
-            "give a pretrained encoder (checkpoint folder or Hub id) or 'none'", param_hint="--encoder"
-        )
     main = current().main  # under torchrun only rank 0 shows progress and the result
     with progress_bar(quiet or json_out or not main) as progress:
         if resume is not None:
             result = resume_run(resume, progress, task="finetune", device=device, num_workers=num_workers)
         else:
-            cfg = config_from_options(FinetuneConfig, ctx.params)
+            cfg = config_from_options(FinetuneConfig, {**ctx.params, "encoder": cae_encoder_ref(encoder)})
             result = finetune(data, out, cfg, progress)
     if main:
         render_result(result, json_out=json_out, quiet=quiet)

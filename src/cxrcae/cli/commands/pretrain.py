@@ -15,9 +15,11 @@ from cxrcae.cli.commands._training import (
     ChannelsLastOpt,
     ImageSizeOpt,
     LimitBatchesOpt,
+    OptimizerOpt,
     OutOpt,
     ResumeOpt,
     TrainWorkersOpt,
+    WeightDecayOpt,
     config_from_options,
     render_result,
     require_data_and_out,
@@ -46,6 +48,8 @@ def pretrain_command(
             help="Adam learning rate. The paper's text says 0.01; the authors' code used 0.001 (default).",
         ),
     ] = 1e-3,
+    optimizer: OptimizerOpt = "adam",
+    weight_decay: WeightDecayOpt = 0.0,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Early stopping: epochs without improvement.")
     ] = 20,

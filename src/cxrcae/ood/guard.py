@@ -1,4 +1,4 @@
-"""The out-of-distribution guard stored beside a classifier: its own autoencoder and a threshold.
+"""The out-of-distribution guard stored beside a classifier: its own autoencoder and two thresholds.
 
 A fine-tuned classifier's encoder has been changed by fine-tuning, so the guard keeps its own convolutional
 autoencoder (the pretraining run's encoder + decoder, or a decoder trained on a frozen pretrained encoder) in
@@ -27,17 +27,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from cxrcae import __version__
 from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 from cxrcae.errors import CheckpointError
 from cxrcae.models.cae import CAEDecoder, CAEEncoder, ConvAutoencoder
-from cxrcae.models.checkpoint import CONFIG_NAME, load_state_strict, read_config
+from cxrcae.models.checkpoint import (
+    CONFIG_NAME,
+    GUARD_BLOCK,
+    GUARD_NAME,
+    load_state_strict,
+    read_config,
+    read_guard,
+)
 
-GUARD_NAME = "ood.safetensors"
-BLOCK = "ood"
 SCORE = (
     "mse: mean squared error between the model input (3 x S x S in [0, 1], the classifier's preprocessing) "
     "and the guard autoencoder's reconstruction of it; relative: mse / (variance of the input's pixels + "
@@ -105,25 +109,27 @@ def save_guard(folder: str | Path, cae: ConvAutoencoder, block: dict[str, Any]) 
         **block,
     }
     atomic_write_bytes(out / GUARD_NAME, blob)
-    config[BLOCK] = stored
+    config[GUARD_BLOCK] = stored
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return stored
 
 
 def guard_block(config: dict[str, Any]) -> dict[str, Any] | None:
     """The ``ood`` block of a config, checked for the fields prediction needs; None when absent."""
-    block = config.get(BLOCK)
+    block = config.get(GUARD_BLOCK)
     if block is None:
         return None
     if not isinstance(block, dict):
-        raise CheckpointError(f"config.json '{BLOCK}' must be an object, got {type(block).__name__}")
+        raise CheckpointError(f"config.json '{GUARD_BLOCK}' must be an object, got {type(block).__name__}")
     for key in ("threshold", "image_size", "resize_mode"):
         if key not in block:
-            raise CheckpointError(f"config.json '{BLOCK}' block has no '{key}'")
+            raise CheckpointError(f"config.json '{GUARD_BLOCK}' block has no '{key}'")
     for key in ("threshold", "relative_threshold"):
         value = block.get(key, 1.0)
         if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-            raise CheckpointError(f"config.json '{BLOCK}' {key} must be a positive number, got {value!r}")
+            raise CheckpointError(
+                f"config.json '{GUARD_BLOCK}' {key} must be a positive number, got {value!r}"
+            )
     return block
 
 
@@ -132,25 +138,21 @@ def load_guard(
 ) -> Guard | None:
     """The guard of a checkpoint folder, or None when its config has no ``ood`` block.
 
-    Raises ``CheckpointError`` when the block names a file that is missing, altered or does not fit.
+    Raises ``CheckpointError`` when the block names a file that is missing, altered or does not fit
+    (``cxrcae.models.checkpoint.read_guard``).
     """
     block = guard_block(config)
-    if block is None:
+    state = read_guard(folder, config)
+    if block is None or state is None:
         return None
-    path = Path(folder) / block.get("file", GUARD_NAME)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder}: config.json has an OOD guard but {path.name} is missing; "
-            "re-fit it with `cxrcae calibrate-ood`"
-        )
-    blob = path.read_bytes()
-    expected = block.get("weights_sha256")
-    if expected and hashlib.sha256(blob).hexdigest() != expected:
-        raise CheckpointError(f"{path}: sha256 does not match config.json (files from different saves?)")
-    try:
-        state = load(blob)
-    except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-    cae = ConvAutoencoder(CAEEncoder(), CAEDecoder())
-    load_state_strict(cae, {k: v.float() for k, v in state.items()}, str(path))
+    in_chans = int(config.get("in_chans", 3))
+    cae = ConvAutoencoder(CAEEncoder(in_chans), CAEDecoder(in_chans))
+    where = str(Path(folder) / str(block.get("file", GUARD_NAME)))
+    load_state_strict(cae, {k: v.float() for k, v in state.items()}, where)
     return Guard(cae.to(device).eval(), block)
+
+
+def has_guard(folder: str | Path, config: dict[str, Any]) -> bool:
+    """Whether a checkpoint folder carries a guard file for its ``ood`` block (for the CLI's notes)."""
+    block = config.get(GUARD_BLOCK)
+    return isinstance(block, dict) and (Path(folder) / str(block.get("file", GUARD_NAME))).is_file()

@@ -10,7 +10,7 @@ Three kinds of check, each with a reason a person can read in the row:
    a blank page almost perfectly, and judges a photograph by its gray levels only. A strongly coloured
    image (colourfulness above ``COLOR_MAX``; radiographs score 0-5, photographs 30-110) or a near-constant
    one (gray standard deviation below ``MIN_STD``; the shared X-rays all have >= 0.05) is flagged.
-3. **Reconstruction error** of the guard autoencoder stored with the model (``cxrcae.models.guard``), in
+3. **Reconstruction error** of the guard autoencoder stored with the model (``cxrcae.ood.guard``), in
    absolute terms and relative to the image's own contrast: above either threshold fitted on training
    X-rays the image is flagged. ``score`` is the larger of the two scores over their thresholds, so 1.0 is
    the line and 3 means three times what a training X-ray may have.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +32,8 @@ from torch import nn
 from cxrcae.errors import CheckpointError
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.io.facts import ImageFacts
-from cxrcae.models.guard import GUARD_NAME, Guard, guard_block, load_guard
+from cxrcae.models.checkpoint import GUARD_NAME
+from cxrcae.ood.guard import Guard, guard_block, has_guard, load_guard
 
 UNCERTAIN = "uncertain"
 REFUSED = "refused"
@@ -158,9 +158,3 @@ class Screen:
                     flag.append(f"reconstruction error for its contrast {relative:.1f}x the guard's limit")
             verdicts.append(Verdict(bool(refuse), bool(flag) and not refuse, score, refuse + flag))
         return verdicts
-
-
-def has_guard(folder: str | Path, config: dict[str, Any]) -> bool:
-    """Whether a checkpoint folder carries a guard file for its ``ood`` block (for the CLI's notes)."""
-    block = config.get("ood")
-    return isinstance(block, dict) and (Path(folder) / str(block.get("file", GUARD_NAME))).is_file()
