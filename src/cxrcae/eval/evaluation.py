@@ -97,8 +97,8 @@ class EvaluationResult:
 
     def __repr__(self) -> str:
         m = self.metrics
-        head = ", ".join(f"{k}={v}" for k, v in self.summary()[:2])
-        return f"EvaluationResult(set={m['set']!r}, n={m['n']}, {head}, out_dir={str(self.out_dir)!r})"
+        head = "".join(f", {k}={v}" for k, v in self.summary()[:2])
+        return f"EvaluationResult(set={m['set']!r}, n={m['n']}{head}, out_dir={str(self.out_dir)!r})"
 
 
 EXTERNAL = "external"

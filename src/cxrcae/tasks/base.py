@@ -210,13 +210,8 @@ class Task:
 
     def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         """The headline figures (name, text) that ``evaluate`` prints under its table and the HTML report
-        lists: by default the top-level numbers of ``score``, with their interval where it has one."""
-        ci = metrics.get("ci") or {}
-        return [
-            (key, _with_interval(value, ci.get(key)))
-            for key, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n"
-        ]
+        lists; none by default (the ``metric_rows`` table says it all)."""
+        return []
 
     def evaluation_row(
         self,
@@ -331,16 +326,6 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
-
-
-def _with_interval(value: Any, interval: Any) -> str:
-    if (
-        isinstance(interval, (list, tuple))
-        and len(interval) == 2
-        and all(isinstance(v, (int, float)) for v in interval)
-    ):
-        return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value: Any) -> Any:

@@ -142,7 +142,8 @@ def render(result) -> None:
             "wide intervals, read as unknown",
             highlight=False,
         )
-    console.print(" | ".join(f"{name} {text}" for name, text in result.summary()), highlight=False)
+    if summary := result.summary():
+        console.print(" | ".join(f"{name} {text}" for name, text in summary), highlight=False)
     if ci:
         console.print(
             f"95% CIs: {ci['n_resamples']} bootstrap resamples of {ci['n_units']} {ci['unit']}s "
