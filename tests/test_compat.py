@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from cxrcae.eval.evaluation import evaluate
+from cxrcae.hub.resolve import load_encoder
+from cxrcae.hub.transfer import prepare_upload
 from cxrcae.infer.prediction import predict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -122,3 +124,12 @@ def test_bundled_model_answers_as_before():
     want = json.loads((EXPECTED / "bundled.json").read_text())
     assert sum(r["status"] == "ok" for r in want) == 6
     _close(rows, want)
+
+
+def test_encoder_taken_out_of_todays_checkpoint_loads(checkpoints, tmp_path):
+    """``push --encoder-only`` stages an encoder config without the task its classifier had."""
+    config = prepare_upload(checkpoints / "classify", tmp_path, encoder_only=True)
+    assert config["kind"] == "encoder" and "task" not in config
+    assert config["extracted_from"]["task"] == "classify"
+    encoder = load_encoder(tmp_path)
+    assert encoder.cxrcae_config["kind"] == "encoder"

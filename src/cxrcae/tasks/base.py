@@ -12,7 +12,8 @@ by the checkpoint's config.json (``task``; older checkpoints have only ``kind`` 
 - ``probabilities(outputs, config)``: how raw outputs become what users read (class probabilities,
   per-label probabilities, masks), calibration included;
 - ``metric_names``: the validation metrics it reports each epoch (the training table shows them);
-- ``card_summary(config)``: the sentence the model card says about what the model predicts;
+- ``card_summary(config)``: the sentence the model card says about what the model predicts, and
+  ``pipeline_tag``, the card's Hub pipeline tag;
 - for evaluation (``cxrcae evaluate``): ``targets`` (what the records say the answer is, as an array
   aligned with the outputs), ``score`` (metrics.json's body, with patient-bootstrap CIs), ``metric_rows``
   (the table a user reads) and ``evaluation_files`` (plots or overlays beside metrics.json);
@@ -128,6 +129,8 @@ class Task:
     labelled: bool = True
     """Whether training needs labels (reconstruction does not); only labelled tasks predict and evaluate."""
     metric_names: tuple[str, ...] = ()
+    pipeline_tag: str = "image-feature-extraction"
+    """The Hugging Face Hub pipeline tag of its model cards (``cxrcae.hub.card``)."""
     options: frozenset[str] = frozenset()
     """Task-specific switches (see the module docstring). Those that are values (``top_k``,
     ``threshold`` for ``prediction_row``; ``bins`` for ``score``) reach the hooks as keyword arguments,

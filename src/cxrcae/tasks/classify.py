@@ -102,6 +102,7 @@ class Classify(Task):
     name = "classify"
     kind = "classifier"
     description = "single-label image classification"
+    pipeline_tag = "image-classification"
     metric_names = Classification.monitor_metrics
     options = frozenset({"top_k", "threshold", "explain", "onnx", "calibrate", "bins", "serve"})
 
