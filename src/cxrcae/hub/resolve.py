@@ -291,7 +291,7 @@ class LoadedModel:
         """This model with its network: itself when it has one, else its folder's weights loaded now."""
         if self.net is not None:
             return self
-        net, _ = load_folder(self.folder, device, build_model)
+        net, _ = load_checkpoint(self.folder, device)
         net.cxrcae_config = self.config  # type: ignore[attr-defined]
         return replace(self, net=net)
 
