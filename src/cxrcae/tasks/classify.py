@@ -129,8 +129,16 @@ class Classify(Task):
         return Classification(config["class_names"], weight)
 
     def probabilities(self, outputs: torch.Tensor | np.ndarray, config: dict[str, Any]) -> np.ndarray:
-        """Class probabilities ``softmax(logits / T)``, T the checkpoint's calibrated temperature."""
-        return softmax(_numpy(outputs), model_temperature(config))
+        """Class probabilities ``softmax(logits / T)``, T the checkpoint's calibrated temperature.
+
+        Logits as a tensor (predict's batches) give float32 probabilities, as torch computes them: a logit
+        one float32 step off (the same image in a batch of another size) then gives the same row, so a
+        resumed ``predict --output`` file equals an uninterrupted one byte for byte. Logits as an array
+        (evaluate's) give float64 probabilities, which the metrics are computed from."""
+        temperature = model_temperature(config)
+        if isinstance(outputs, torch.Tensor):
+            return torch.softmax(outputs.detach().float() / temperature, dim=1).cpu().numpy()
+        return softmax(_numpy(outputs), temperature)
 
     def card_summary(self, config: dict[str, Any]) -> str:
         names = config.get("class_names") or []
