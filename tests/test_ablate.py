@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from cxrcae.data import Record, label_fraction, load_records
 from cxrcae.eval.paired import paired_bootstrap
+from cxrcae.locking import hold
 
 
 def _scores(n: int, strength: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +146,7 @@ def test_ablate_end_to_end_and_continues(cli, tiny_labelled_folder, tmp_path, mo
     def no_training(*a, **k):
         raise AssertionError("a finished arm was trained again")
 
-    monkeypatch.setattr("cxrcae.ablation.finetune", no_training)
+    monkeypatch.setattr("cxrcae.study.cells.finetune", no_training)
     monkeypatch.setattr("cxrcae.ablation.pretrain", no_training)
     again = cli(*args)
     assert again.exit_code == 0, again.output
@@ -152,3 +154,15 @@ def test_ablate_end_to_end_and_continues(cli, tiny_labelled_folder, tmp_path, mo
 
     other = cli(*[a if a != "1e-3,1e-4" else "1e-3" for a in args])
     assert other.exit_code == 1 and "other settings (plain_lrs)" in other.output
+
+
+def test_ablate_out_is_one_writers(cli, tiny_labelled_folder, tmp_path):
+    """While another ablate runs (or continues) OUT (here: this process holds its lock), a second one is
+    refused at once in one line naming the holder, before splitting anything."""
+    out = tmp_path / "study"
+    with hold(out, folder=True):
+        result = cli("ablate", tiny_labelled_folder, "--out", out)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {out}: in use by process {os.getpid()} (")
+        assert len(result.output.strip().splitlines()) == 1
+        assert [p.name for p in out.iterdir()] == [".cxrcae.lock"]

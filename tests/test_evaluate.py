@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from cxrcae.data import Record, write_records
 from cxrcae.errors import DataError
 from cxrcae.eval.evaluation import evaluate
+from cxrcae.locking import LockedError, hold
 from cxrcae.models.checkpoint import read_config, save_checkpoint
 from cxrcae.tasks import build_model
 
@@ -65,13 +67,19 @@ def test_evaluate_writes_everything(model_dir, splits_csv, tmp_path):
     assert metrics["ci"]["unit"] == "patient" and metrics["ci"]["n_units"] == 4
     lo, hi = metrics["ci"]["accuracy"]
     assert lo <= metrics["accuracy"] <= hi
-    assert 0 <= metrics["calibration"]["ece"] <= 1
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["label"] for r in rows} == set(NAMES)
     assert all(r["status"] == "ok" and r["predicted"] in NAMES for r in rows)
     acc = np.mean([r["predicted"] == r["label"] for r in rows])
     assert metrics["accuracy"] == pytest.approx(acc)
+    # ECE recomputed from the rows: 15 equal-width confidence bins, |accuracy - confidence| weighted by size
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        confidence = float(r["confidence"])
+        bins.setdefault(min(int(confidence * 15), 14), []).append((r["correct"] == "True", confidence))
+    ece = sum(abs(sum(c for c, _ in b) - sum(p for _, p in b)) for b in bins.values()) / len(rows)
+    assert metrics["calibration"]["ece"] == pytest.approx(ece)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS) and "site-b" in html
 
@@ -146,7 +154,9 @@ def test_cli_evaluate_and_calibrate(cli, model_dir, splits_csv, tmp_path):
     result = cli("evaluate", model_dir, splits_csv, "--out", out, "--bootstrap", "100", "--num-workers", "0")
     assert result.exit_code == 0, result.output
     assert "macro avg" in result.output and "site-a" in result.output and "95% CIs" in result.output
-    assert (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["split"] == "test" and metrics["ci"]["n_units"] == 4
+    assert f"{metrics['accuracy']:.3f}" in result.output  # the table shows what metrics.json holds
 
     local = tmp_path / "clf"
     shutil.copytree(model_dir, local)
@@ -237,3 +247,19 @@ def test_cli_evaluate_by(cli, model_dir, external_csv, tmp_path):
     assert "marked:" in result.output
     bad = cli("evaluate", model_dir, external_csv, "--by", "age:x", *args)
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "--by 'age:x'" in bad.output
+
+
+def test_evaluate_out_is_one_writers(cli, model_dir, splits_csv, tmp_path):
+    """While another evaluate writes OUT (here: this process holds its lock), evaluate --out OUT is refused
+    at once in one line naming the holder; the default folder is held while written."""
+    out, fast = tmp_path / "e", ("--bootstrap", "0", "--num-workers", "0")
+    with hold(out, folder=True):
+        result = cli("evaluate", model_dir, splits_csv, "--out", out, *fast)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {out}: in use by process {os.getpid()} (")
+        assert len(result.output.strip().splitlines()) == 1
+        assert [p.name for p in out.iterdir()] == [".cxrcae.lock"]  # nothing written beside the holder
+        with hold(model_dir / "eval-val", folder=True), pytest.raises(LockedError, match="eval-val"):
+            evaluate(model_dir, splits_csv, "val", n_bootstrap=0)
+    assert cli("evaluate", model_dir, splits_csv, "--out", out, *fast).exit_code == 0
+    assert (out / "metrics.json").is_file() and not (out / ".cxrcae.lock").exists()

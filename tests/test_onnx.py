@@ -174,7 +174,9 @@ def test_cli_export_then_predict(cli, other, mini_folder, tmp_path):
 
     table = cli("export", folder, "--onnx", "--output", tmp_path / "m.onnx", "--opset", "18")
     assert table.exit_code == 0, table.output
-    assert "max |diff| logits" in table.output and (tmp_path / "m.onnx").is_file()
+    assert "max |diff| logits" in table.output
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert max(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")) == 18
 
     args = ("predict", *_images(mini_folder)[:3], "--model", folder, "--json", "--num-workers", "0")
     ours = cli(*args, "--backend", "onnxruntime")

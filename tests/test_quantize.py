@@ -141,7 +141,10 @@ def test_cli_int8_export_and_predict(cli, built, mini_folder, tmp_path):
     result = cli(*args, "--calibration-images", "4", "--agreement-images", "4")
     assert result.exit_code == 0, result.output
     assert "top-1 agreement" in result.output and "--force-int8" in result.output
-    assert (folder / INT8_NAME).is_file() and (folder / "model.int8.agreement.json").is_file()
+    side = json.loads((folder / "model.int8.agreement.json").read_text())
+    assert side["file"] == INT8_NAME and side["images"] == 4  # --agreement-images
+    meta = {p.key: p.value for p in onnx.load(str(folder / INT8_NAME)).metadata_props}
+    assert meta["cxrcae.precision"] == "int8" and json.loads(meta["cxrcae.agreement"])["images"] == 4
     assert cli("export", folder, "--onnx", "--int8").exit_code == 2  # nothing to calibrate on
     assert cli("export", folder, "--onnx", "--calibrate", mini_folder).exit_code == 2  # without --int8
 

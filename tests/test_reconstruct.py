@@ -41,7 +41,9 @@ def test_reconstruct_writes_grids_and_csv(cae, images, tmp_path):
     out = tmp_path / "out"
     result = reconstruct(cae, [folder], out, batch_size=2)
     assert len(result.rows) == 4 and result.n_errors == 1
-    assert result.overview == out / "reconstructions.png" and result.overview.is_file()
+    assert result.overview == out / "reconstructions.png"
+    overview = np.asarray(Image.open(result.overview).convert("L"))
+    assert min(overview.shape) > 100 and overview.std() > 10  # a drawn figure, not an empty canvas
     for row in result.rows:
         if row.status == "ok":
             grid = np.asarray(Image.open(row.image))
@@ -82,7 +84,11 @@ def test_cli_reconstruct(cli, cae, images, tmp_path):
     result = cli("reconstruct", cae, folder, "--out", tmp_path / "o", "--num-workers", "0")
     assert result.exit_code == 3, result.output
     assert "img0.png" in result.output and "mean MSE" in result.output
-    assert (tmp_path / "o" / "reconstruction.csv").is_file()
+    with open(tmp_path / "o" / "reconstruction.csv", newline="") as f:
+        table = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    assert sorted(table) == ["broken.png", "img0.png", "img1.png", "img2.png"]
+    assert table["broken.png"]["status"] == "error" and table["broken.png"]["reason"]
+    assert all(float(table[f"img{i}.png"]["mse"]) > 0 for i in range(3))
 
     clf_config = {"kind": "classifier", "head": "dense5", "image_size": SIZE, "class_names": ["A", "B"]}
     clf = save_checkpoint(build_model(clf_config), tmp_path / "clf", clf_config)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cxrcae import pipeline
 from cxrcae.data import load_records
 from cxrcae.data.audit import audit_records
+from cxrcae.hub.resolve import load_checkpoint
 from cxrcae.io import hashing as io_hashing
+from cxrcae.io import load_for_model
+from cxrcae.locking import hold
 
 
 def test_reproduce_end_to_end_keeps_test_unseen(cli, tiny_labelled_folder, tmp_path):
@@ -50,11 +56,26 @@ def test_reproduce_end_to_end_keeps_test_unseen(cli, tiny_labelled_folder, tmp_p
     clf_cfg = json.loads((out / "clf" / "best" / "config.json").read_text())
     assert clf_cfg["encoder_init"]["weights_sha256"] == cae_cfg["weights_sha256"]
 
-    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    # the reported test accuracy is the shipped classifier's own score on exactly the test images: its
+    # probabilities recomputed here in plain torch match predictions.csv, whose hits give the accuracy
+    with open(out / "clf" / "best" / "eval-test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["path"] for r in rows} == {str(p) for p in test_images}
+    assert all(r["status"] == "ok" for r in rows)
+    model, cfg = load_checkpoint(out / "clf" / "best")
+    size, mode = cfg["image_size"], cfg["resize_mode"]
+    x = torch.stack([torch.from_numpy(load_for_model(r["path"], size, mode)) for r in rows])
+    with torch.no_grad():
+        probs = torch.softmax(model(x).double() / cfg.get("temperature", 1.0), dim=1)
+    saved = [[float(r[f"prob_{n}"]) for n in cfg["class_names"]] for r in rows]
+    assert torch.allclose(probs, torch.tensor(saved, dtype=torch.double), atol=1e-4)
+    hits = [r["predicted"] == r["label"] for r in rows]
+    assert summary["test"]["accuracy"] == pytest.approx(sum(hits) / len(rows))
     lo, hi = summary["test"]["accuracy_ci"]
     assert lo <= summary["test"]["accuracy"] <= hi
     assert summary["audit"]["leakage"] is False
-    assert (out / "clf" / "best" / "eval-test" / "metrics.json").is_file()
+    metrics = json.loads((out / "clf" / "best" / "eval-test" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["accuracy"] == summary["test"]["accuracy"]
 
 
 def test_reproduce_refuses_an_existing_run(cli, tiny_labelled_folder, tmp_path):
@@ -99,3 +120,15 @@ def test_reproduce_pixel_hashes_each_image_once(mini_folder, tmp_path, monkeypat
     monkeypatch.setattr(io_hashing, "decode_native", decode)
     fresh = audit_records(load_records(out / "splits.csv", labeled=False))  # hashing everything itself
     assert audit == {"leakage": fresh.leakage, **fresh.summary(), "dominant_sources": fresh.dominant}
+
+
+def test_reproduce_out_is_one_writers(cli, tiny_labelled_folder, tmp_path):
+    """While another reproduce runs in OUT (here: this process holds its lock), a second one is refused at
+    once in one line naming the holder, before splitting anything."""
+    out = tmp_path / "run"
+    with hold(out, folder=True):
+        result = cli("reproduce", tiny_labelled_folder, "--out", out)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {out}: in use by process {os.getpid()} (")
+        assert len(result.output.strip().splitlines()) == 1
+        assert [p.name for p in out.iterdir()] == [".cxrcae.lock"]

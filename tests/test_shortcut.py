@@ -134,7 +134,10 @@ def test_cli_audit_with_model_reports_the_probe(cli, tiny_model, confounded_csv,
         "kermany": 24,
     }
     assert label["classes"] == ["COVID", "NORMAL", "PNEUMONIA"] and label["patients_or_images"] == 36
-    assert 0 <= source["balanced_accuracy"] <= 1 and 0 <= label["macro_auc"] <= 1
+    # adults' and children's X-rays from two archives: even a random encoder's features tell them apart
+    # (measured: balanced accuracy 0.92 against chance 0.5, source AUC 1.00, label AUC 0.98, also on AVX2)
+    assert source["chance"] == 0.5 and source["balanced_accuracy"] > 0.75 and source["macro_auc"] > 0.85
+    assert label["chance"] == pytest.approx(1 / 3, abs=1e-3) and label["macro_auc"] > 0.75
     assert shortcut["source_probe_within_class"] == {}  # one source per class: nothing to separate
     text = md.read_text()
     assert "## Shortcut check" in text and "Cramer's V): 1.000" in text and "| label | 3 | 36 |" in text

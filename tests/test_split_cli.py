@@ -83,7 +83,7 @@ def test_bad_ratios_are_a_usage_error(cli, tiny_labelled_folder, tmp_path):
     result = cli("split", tiny_labelled_folder, "--out", tmp_path / "s.csv", "--ratios", "0.5,0.5,0.5")
     _one_line_error(result, 2, "must sum to 1")
     result = cli("split", tiny_labelled_folder, "--out", tmp_path / "s.csv", "--ratios", "seventy,30")
-    _one_line_error(result, 2, "three comma-separated numbers")
+    _one_line_error(result, 2, "--ratios", "'seventy' is not a number")
     assert not (tmp_path / "s.csv").exists()
 
 

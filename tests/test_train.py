@@ -36,7 +36,8 @@ def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
     Batch 4 (~17 steps an epoch): the LSTM head starts on a plateau near the class priors and needs some
     50-100 Adam steps to leave it; at batch 8 (8 steps an epoch) that took up to the last of 8 epochs, and
     early stopping then kept a prior-only epoch on some CPUs (one class for every image)."""
-    import cxrcae.train.finetuning
+    import cxrcae.models
+    import cxrcae.tasks.classify
 
     out = tmp_path_factory.mktemp("runs") / "clf"
     cfg = FinetuneConfig(
@@ -51,7 +52,7 @@ def finetuned(pretrained, tiny_labelled_folder, tmp_path_factory):
         return head
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cxrcae.train.finetuning, "build_head", recording_build_head)
+        mp.setattr(cxrcae.tasks.classify, "build_head", recording_build_head)
         result = finetune(tiny_labelled_folder, out, cfg)
     result.head_init = initial
     return result
@@ -100,7 +101,9 @@ def test_pretrain_config_records_everything(pretrained):
     assert training["augment"] is False and training["used"]["precision"] == "fp32"
     assert len(cfg["dataset"]["fingerprint"]) == 64
     assert cfg["dataset"]["counts"]["val"] == {"images": pretrained.val_images}
-    assert (Path(pretrained.best_dir) / "README.md").is_file()  # model card
+    card = (Path(pretrained.best_dir) / "README.md").read_text()  # model card: this checkpoint's facts
+    assert card.startswith("---") and "# cxrcae autoencoder" in card
+    assert "| **Input size** | 64 x 64 |" in card
     assert cfg["baseline"]["val_mse_mean_image"] == pytest.approx(pretrained.baseline["val_mse_mean_image"])
     assert cfg["metrics"]["val"]["mse"] == pytest.approx(pretrained.best_val_loss)
     assert "torch" in cfg["versions"]
@@ -108,8 +111,8 @@ def test_pretrain_config_records_everything(pretrained):
     assert type(model).__name__ == "ConvAutoencoder"
 
 
-def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[str, float]:
-    """Plain torch: the checkpoint's own preprocessing, argmax of the logits, recall of each class."""
+def _predict(model_dir: str, images: list[tuple[Path, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Plain torch: the checkpoint's own preprocessing, argmax of the logits; (predicted, true, names)."""
     from cxrcae.io import load_for_model
 
     model, cfg = load_checkpoint(model_dir)
@@ -118,7 +121,11 @@ def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[st
     y = torch.tensor([cfg["class_names"].index(label) for _, label in images])
     with torch.no_grad():
         pred = model(x).argmax(1)
-    names = cfg["class_names"]
+    return pred, y, cfg["class_names"]
+
+
+def _recall_per_class(model_dir: str, images: list[tuple[Path, str]]) -> dict[str, float]:
+    pred, y, names = _predict(model_dir, images)
     return {name: (pred[y == i] == i).float().mean().item() for i, name in enumerate(names) if (y == i).any()}
 
 
@@ -175,8 +182,13 @@ def test_finetune_config_records_everything(pretrained, finetuned):
     assert sum(counts["train"].values()) == finetuned.train_images
     assert set(counts["val"]) == {"COVID", "NORMAL", "PNEUMONIA"}
     assert cfg["dataset"]["excluded_test_images"] > 0
-    assert 0.0 <= cfg["metrics"]["val"]["accuracy"] <= 1.0
     assert cfg["metrics"]["val"]["accuracy"] == pytest.approx(finetuned.best_metrics["val_accuracy"])
+    # the recorded val accuracy is the saved checkpoint's own score on the run's val images
+    splits = Path(finetuned.out_dir) / "splits.csv"
+    with open(splits) as f:
+        val = [(splits.parent / r["path"], r["label"]) for r in csv.DictReader(f) if r["split"] == "val"]
+    pred, y, _ = _predict(finetuned.best_dir, val)
+    assert cfg["metrics"]["val"]["accuracy"] == pytest.approx((pred == y).float().mean().item())
 
 
 # --- resume, NaN, precision ------------------------------------------------------------------------------

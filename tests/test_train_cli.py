@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cxrcae import bundled
 
@@ -29,7 +29,8 @@ def test_pretrain_then_finetune_cli(cli, mini_folder, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["task"] == "pretrain" and summary["epochs_run"] == 1
     assert summary["baseline"]["val_mse_mean_image"] > 0
-    assert Path(summary["files"]["reconstructions"]).is_file()
+    with Image.open(summary["files"]["reconstructions"]) as figure:
+        assert figure.format == "PNG" and min(figure.size) > 100
 
     res = cli(
         "finetune", mini_folder, "--encoder", tmp_path / "cae" / "best", "--out", tmp_path / "clf",

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import importlib
+import os
 
+import pytest
+from PIL import Image
+
+from cxrcae import runtime
+from cxrcae.cli.common import DEFAULT_WORKERS_TEXT
+from cxrcae.errors import CxrcaeError
 from cxrcae.infer.workers import WorkerPlan, choose_workers
+from cxrcae.runtime import MAX_WORKERS, default_workers
 
 
 @pytest.mark.parametrize(
@@ -51,8 +59,56 @@ def test_auto_plan_measures_then_continues_with_offset_indices(monkeypatch, tmp_
 
 
 def test_fixed_plan_never_measures(monkeypatch, tmp_path):
+    """A given count decodes every batch with it: no first batch decoded apart, no choice made."""
     from cxrcae.infer import workers as module
 
+    paths = [tmp_path / f"{i}.png" for i in range(10)]  # enough batches that an auto plan would choose
+    for p in paths:
+        Image.new("L", (40, 40), color=7).save(p)
+    runs = []
+    real = module.iter_batches
+
+    def recording(part, *args, **kwargs):
+        runs.append((len(part), args[3]))  # (paths, workers)
+        return real(part, *args, **kwargs)
+
+    monkeypatch.setattr(module, "iter_batches", recording)
     monkeypatch.setattr(module, "choose_workers", lambda *a: pytest.fail("a fixed count is not re-chosen"))
-    plan = WorkerPlan(0)
-    assert list(plan.batches([], 32, "stretch", 4, facts=False)) == []
+    plan = WorkerPlan(0)  # an auto plan would decode the first 4 apart: [(4, 0), (6, chosen)]
+    seen = [i for batch in plan.batches(paths, 32, "stretch", 4, facts=False) for i in batch.indices]
+    assert seen == list(range(10)) and plan.workers == 0 and runs == [(10, 0)]
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(None, 0), (1, 0), (2, 0), (3, 1), (4, 2), (64, MAX_WORKERS)])
+def test_the_default_worker_count_leaves_the_model_two_cores(monkeypatch, cpus, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert default_workers() == default_workers(None) == expected
+    assert default_workers(0) == 0 and default_workers(3) == 3  # a given count always wins
+    assert DEFAULT_WORKERS_TEXT == f"CPUs-2, max {MAX_WORKERS}"  # what --help says
+
+
+def _refuse_with_workers(*args, **kwargs):
+    """Stands in for a command's core call: fails with the worker count the command passed."""
+    configs = [a.num_workers for a in args if hasattr(a, "num_workers")]
+    raise CxrcaeError(f"workers={kwargs['num_workers'] if 'num_workers' in kwargs else configs[0]}")
+
+
+@pytest.mark.parametrize(
+    ("args", "module", "name"),
+    [
+        (("evaluate", "m", "d.csv"), "cxrcae.eval.evaluation", "evaluate"),
+        (("calibrate", "m", "d.csv"), "cxrcae.eval.calibration", "calibrate"),
+        (("calibrate-ood", "m", "d"), "cxrcae.train.guard", "calibrate_ood"),
+        (("reconstruct", "m", "a.png", "--out", "o"), "cxrcae.infer.reconstruct", "reconstruct"),
+        (("pretrain", "d", "--out", "o"), "cxrcae.train", "pretrain"),
+        (("finetune", "d", "--out", "o", "--encoder", "none"), "cxrcae.train", "finetune"),
+        (("reproduce", "d", "--out", "o"), "cxrcae.pipeline", "run_pipeline"),
+        (("ablate", "d", "--out", "o"), "cxrcae.ablation", "run_ablation"),
+    ],
+)
+def test_commands_without_num_workers_take_the_one_default(cli, monkeypatch, tmp_path, args, module, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime, "default_workers", lambda n=None: 7 if n is None else n)
+    monkeypatch.setattr(importlib.import_module(module), name, _refuse_with_workers)
+    assert "workers=7" in cli(*args).output
+    assert "workers=1" in cli(*args, "--num-workers", "1").output

@@ -31,8 +31,9 @@ from pathlib import Path
 
 ROOT_PACKAGE = "cxrcae"
 # cxrcae's packages and top-level modules, lowest first; "cxrcae" is cxrcae/__init__.py. The first line is
-# the base: small helpers every layer may use (they import one another). pipeline sits below ablation,
-# which reuses its splits and headline; __main__ (``python -m cxrcae``) starts the CLI, so it is above it.
+# the base: small helpers every layer may use (they import one another). study (the machinery of transfer
+# and ablate) sits below ablation, its preset; __main__ (``python -m cxrcae``) starts the CLI, so it is
+# above it.
 ORDER: tuple[tuple[str, ...], ...] = (
     (
         "cxrcae",
@@ -45,6 +46,7 @@ ORDER: tuple[tuple[str, ...], ...] = (
         "paths",
         "runtime",
         "_timm_hook",
+        "_parse",
     ),
     ("io",),
     ("data",),
@@ -58,6 +60,7 @@ ORDER: tuple[tuple[str, ...], ...] = (
     ("infer",),
     ("eval",),
     ("pipeline",),
+    ("study",),
     ("ablation", "bench", "serve"),
     ("cli",),
     ("__main__",),

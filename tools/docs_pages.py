@@ -54,6 +54,7 @@ INTERNAL = {
     "fetch": "behind `cxrcae fetch`",
     "pipeline": "behind `cxrcae reproduce`",
     "ablation": "behind `cxrcae ablate`",
+    "study": "behind `cxrcae transfer` and `cxrcae ablate`",
     "bench": "behind `cxrcae bench`",
     "bundled": "the bundled model's location",
     "allocator": "process memory setting made by the CLI entry point",
@@ -61,6 +62,7 @@ INTERNAL = {
     "locking": "one writer per run folder or output",
     "progress": "the progress callback type",
     "paths": "where cxrcae keeps its caches ($CXRCAE_HOME)",
+    "_parse": "the comma-list parser behind every comma-separated option",
 }
 
 _GENERATED_NOTE = (

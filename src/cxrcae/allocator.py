@@ -7,6 +7,9 @@ pool and does not pay it). ``keep_freed_memory`` makes glibc serve large blocks 
 it, so activations reuse the same pages every step. The cost: the process holds on to its peak memory
 until it exits (a training or predict run reaches its peak in the first step anyway).
 
+Because it changes the process for good, only the ``cxrcae`` command (``cxrcae.cli.app.main``, before any
+tensor exists) and the benchmark apply it; training, prediction and every other library call leave malloc as
+they found it. A Python script that wants the same speed calls ``keep_freed_memory()`` itself, first thing.
 Opt out with ``CXRCAE_ALLOCATOR=system``; on a libc other than glibc this does nothing.
 """
 

@@ -15,6 +15,12 @@ class CxrcaeError(Exception):
     exit_code = 1
 
 
+class OptionError(CxrcaeError):
+    """An option's value is malformed (``--fractions 0.5,x``): a usage error, exit 2 like Typer's own."""
+
+    exit_code = 2
+
+
 class ImageLoadError(CxrcaeError):
     """A single file could not be turned into an image; batch commands report it and go on."""
 

@@ -23,6 +23,7 @@ from cxrcae.data.audit import audit_records
 from cxrcae.errors import DataError
 from cxrcae.eval.evaluation import evaluate
 from cxrcae.io import FileHashes
+from cxrcae.locking import hold
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
@@ -79,11 +80,15 @@ def run_pipeline(
     """
     cfg = cfg or PipelineConfig()
     out = Path(out_dir).expanduser()
+    with hold(out, folder=True):  # OUT is this run's alone, as a training run folder (cxrcae.locking)
+        return _run_pipeline(Path(data), out, cfg, progress)
+
+
+def _run_pipeline(data: Path, out: Path, cfg: PipelineConfig, progress: ProgressFn) -> PipelineResult:
     if (out / SUMMARY_NAME).exists() or (out / "cae").exists():
         raise DataError(f"{out}: already holds a pipeline run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
-    splits, pixel_hashes = prepare_splits(Path(data), out, cfg.seed, progress)
+    splits, pixel_hashes = prepare_splits(data, out, cfg.seed, progress)
     audit = _audit(splits, pixel_hashes, progress) if cfg.audit else None
     if audit is not None:
         atomic_write_text(out / "audit.json", json.dumps(audit, indent=2, default=str) + "\n")

@@ -16,7 +16,7 @@ from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import resolve_checkpoint
 from cxrcae.models.checkpoint import read_config
 from cxrcae.progress import ProgressFn, no_progress
-from cxrcae.train.data import training_workers
+from cxrcae.runtime import default_workers
 
 
 def run_bench(
@@ -101,7 +101,7 @@ def run_bench(
             settings,
             device,
             data_steps,
-            training_workers(num_workers),
+            default_workers(num_workers),
             in_memory,
             progress=progress,
         )

@@ -48,6 +48,7 @@ COMMAND_ORDER = (
     "serve",
     "reproduce",
     "ablate",
+    "transfer",
     "fetch",
     "audit",
     "split",

@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cxrcae._parse import comma_list as comma_list  # re-exported: every command's comma-separated options
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -31,7 +33,8 @@ JsonOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, init, shuffling).")]
-NumWorkersOpt = Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")]
+DEFAULT_WORKERS_TEXT = "CPUs-2, max 4"
+"""What ``cxrcae.runtime.default_workers`` gives, for ``--help`` (which must not import torch to ask it)."""
 PrecisionOpt = Annotated[
     str,
     typer.Option(
@@ -51,7 +54,9 @@ EvalPrecisionOpt = Annotated[
 InferenceBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 DecodeWorkersOpt = Annotated[
     int | None,
-    typer.Option("--num-workers", min=0, help="Decoding worker processes.", show_default="CPUs-1, max 4"),
+    typer.Option(
+        "--num-workers", min=0, help="Decoding worker processes.", show_default=DEFAULT_WORKERS_TEXT
+    ),
 ]
 
 
@@ -61,18 +66,9 @@ MeasuredWorkersOpt = Annotated[
         "--num-workers",
         min=0,
         help="Decoding worker processes.",
-        show_default="chosen by timing the first batch",
+        show_default="chosen by timing the first batch, max 4",
     ),
 ]
-
-
-def workers_or_default(num_workers: int | None) -> int:
-    """Decode in parallel by default, leaving a core for the model."""
-    if num_workers is not None:
-        return num_workers
-    import os
-
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def print_json(data: Any) -> None:

@@ -4,6 +4,12 @@ A ``Record`` is one image with what we know about it (label, patient, source, sp
 columns). Everything downstream (splitting, datasets, training provenance) works on lists of records, so
 the on-disk layout is decided here and nowhere else. Missing files and malformed CSVs are caught at load
 time with one clear message, not deep inside a DataLoader worker.
+
+Other columns whose value names an image file (a segmentation mask per structure: ``left_lung``,
+``heart``, ...) are paths like ``path``: a relative one is read against the manifest's folder and written back
+relative to the new CSV's folder, so a manifest and the splits CSVs written from it keep pointing at the same
+files. A folder holding ``images/`` and ``masks/<structure>/`` (same file names) reads, unlabelled, as the
+images with one mask column per structure.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ UNLABELED = "UNLABELED"
 SPLITS = ("train", "val", "test")
 CORE_COLUMNS = ("path", "label", "patient_id", "source")
 SPLIT_COLUMN = "split"
+IMAGES_FOLDER, MASKS_FOLDER = "images", "masks"
 _SHOW = 5  # how many offending paths an error message lists
 
 
@@ -128,9 +135,46 @@ def _load_folder(root: Path) -> list[Record]:
 
 
 def _load_unlabeled_folder(root: Path) -> list[Record]:
-
+    if (root / IMAGES_FOLDER).is_dir() and (root / MASKS_FOLDER).is_dir():
+        return _load_mask_folders(root)
     files, _ = find_images([root], recursive=True)
     return [Record(path=_abspath(f)) for f in files]
+
+
+def _load_mask_folders(root: Path) -> list[Record]:
+    """``root/images/**`` with ``root/masks/<structure>/**``: each image gets a column per structure naming
+    the mask of the same name (any image extension); a mask that is not there keeps the expected path, so
+    the segmentation task's check names the missing file."""
+    images_dir, masks_dir = root / IMAGES_FOLDER, root / MASKS_FOLDER
+    structures = sorted(p for p in masks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not structures:
+        raise DataError(f"{masks_dir}: no masks/<structure>/ folders of masks")
+    by_stem: dict[str, dict[str, Path]] = {}
+    for folder in structures:
+        files, _ = find_images([folder], recursive=True)
+        by_stem[folder.name] = {f.relative_to(folder).with_suffix("").as_posix(): f for f in files}
+    images, _ = find_images([images_dir], recursive=True)
+    records = []
+    for image in images:
+        relative = image.relative_to(images_dir)
+        key = relative.with_suffix("").as_posix()
+        extra = {s.name: str(_abspath(by_stem[s.name].get(key, s / relative))) for s in structures}
+        records.append(Record(path=_abspath(image), extra=extra))
+    return records
+
+
+def is_file_value(value: str | None) -> bool:
+    """Whether a manifest value names an image file (a mask column), by its extension."""
+    value = (value or "").strip()
+    return bool(value) and "://" not in value and Path(value).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _file_value(value: str, base: Path) -> str:
+    """An image-file value made absolute against the manifest's folder (other values as they are)."""
+    if not is_file_value(value):
+        return value
+    path = Path(os.path.expanduser(value.strip()))
+    return str(_abspath(path if path.is_absolute() else base / path))
 
 
 def _load_csv(csv_path: Path, *, labeled: bool) -> list[Record]:
@@ -172,7 +216,7 @@ def _load_csv(csv_path: Path, *, labeled: bool) -> list[Record]:
                 patient_id=_optional(row.get("patient_id")),
                 source=_optional(row.get("source")),
                 split=split,
-                extra={c: row.get(c) or "" for c in extra_columns},
+                extra={c: _file_value(row.get(c) or "", base) for c in extra_columns},
             )
         )
     if absent:
@@ -220,6 +264,13 @@ def _relative_to(path: Path, folder: Path) -> str:
         return str(path)
 
 
+def _written_value(value: str, folder: Path) -> str:
+    """An absolute image-file value relative to the CSV's folder when under it (as ``path`` is written)."""
+    if is_file_value(value) and Path(value).is_absolute():
+        return _relative_to(_abspath(value), folder)
+    return value
+
+
 def write_records(records: Sequence[Record], path: str | Path) -> Path:
     """Write records as a manifest/splits CSV, atomically (a crash never leaves half a file).
 
@@ -244,7 +295,7 @@ def write_records(records: Sequence[Record], path: str | Path) -> Path:
                 "label": r.label if r.label is not None else UNLABELED,
                 "patient_id": r.patient_id or "",
                 "source": r.source or "",
-                **{c: r.extra.get(c, "") for c in extra_columns},
+                **{c: _written_value(r.extra.get(c, ""), folder) for c in extra_columns},
             }
             if has_split:
                 row[SPLIT_COLUMN] = r.split or ""

@@ -251,3 +251,29 @@ def label_fraction(records: Sequence[Record], fraction: float, seed: int = 0) ->
             taken += len(patients[patient])
     dropped = set(train) - keep
     return [r for i, r in enumerate(records) if i not in dropped]
+
+
+def fraction_mask(
+    records: Sequence[Record], strata: Sequence[str | None], fraction: float, seed: int = 0
+) -> list[bool]:
+    """Which of ``records`` ``label_fraction`` keeps when each record's class is its ``strata`` entry (a
+    label combination for multi-label data, one constant for masks; None: no target, always kept), so every
+    task's label-efficiency subsets are nested, patient-grouped and seeded alike."""
+    stratified = [replace(r, label=s) for r, s in zip(records, strata, strict=True)]
+    chosen = {id(r) for r in label_fraction(stratified, fraction, seed)}
+    return [id(r) in chosen for r in stratified]
+
+
+def split_by(
+    records: Sequence[Record],
+    strata: Sequence[str | None],
+    seed: int = 0,
+    *,
+    dedupe: bool = True,
+    progress: ProgressFn = no_progress,
+) -> list[Record]:
+    """``split_records`` (default ratios) stratified by ``strata`` instead of the labels, which are kept: how
+    multi-label and mask data get the same patient-grouped split as class labels."""
+    stratified = [replace(r, label=s) for r, s in zip(records, strata, strict=True)]
+    made = split_records(stratified, DEFAULT_RATIOS, seed, dedupe=dedupe, progress=progress).records
+    return [replace(r, split=m.split) for r, m in zip(records, made, strict=True)]

@@ -25,11 +25,13 @@ alongside.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +58,7 @@ from cxrcae.eval.subgroups import (
 from cxrcae.hub.resolve import in_hub_cache
 from cxrcae.infer.batches import answering_model, collect_outputs
 from cxrcae.io import hash_files
+from cxrcae.locking import hold
 from cxrcae.metrics import fmt_ci
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
@@ -126,6 +129,21 @@ def describe_set(metrics: dict) -> str:
     return f"split {metrics['split']!r}"
 
 
+def _one_writer(evaluate_fn):
+    """``evaluate`` keeps its output folder to itself (``cxrcae.locking``, as training runs do): a given
+    ``out_dir`` (``evaluate --out``) is held for the whole run, so a second evaluate into it is refused at
+    once, naming this one; the default folder, known only once the data is read, while it is written."""
+
+    @functools.wraps(evaluate_fn)
+    def run(*args: Any, out_dir: str | Path | None = None, write: bool = True, **kwargs: Any):
+        held = hold(out_dir, folder=True) if write and out_dir is not None else nullcontext()
+        with held:
+            return evaluate_fn(*args, out_dir=out_dir, write=write, **kwargs)
+
+    return run
+
+
+@_one_writer
 def evaluate(
     model_ref: Any,
     data: str | Path,
@@ -257,7 +275,8 @@ def evaluate(
     files: dict[str, Path] = {}
     if write:
         out = Path(out_dir).expanduser() if out_dir else _default_out(folder, set_name)
-        files = _write_outputs(out, task, config, metrics, rows, kept, targets, probs, html)
+        with nullcontext() if out_dir else hold(out, folder=True):  # a given out_dir: held by _one_writer
+            files = _write_outputs(out, task, config, metrics, rows, kept, targets, probs, html)
     return EvaluationResult(
         metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes, task=task
     )

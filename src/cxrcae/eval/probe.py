@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from cxrcae._atomic import atomic_write_text
 from cxrcae.data.labels import LabelSource, check_train_labels, read_multilabels
 from cxrcae.data.records import SPLITS, Record, class_names, load_records
-from cxrcae.data.splits import DEFAULT_RATIOS, label_fraction, split_records
+from cxrcae.data.splits import DEFAULT_RATIOS, fraction_mask, split_by
 from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.eval.shortcut import sample_records
 from cxrcae.hub.encoders import ResolvedEncoder, resolve_encoder
@@ -146,9 +146,7 @@ def probe_data(
     else:
         strata = [r.label or "" for r in records]
     if origin == "made":
-        stratified = [replace(r, label=s) for r, s in zip(records, strata, strict=True)]
-        made = split_records(stratified, DEFAULT_RATIOS, seed, dedupe=dedupe, progress=progress).records
-        records = [replace(r, split=m.split) for r, m in zip(records, made, strict=True)]
+        records = split_by(records, strata, seed, dedupe=dedupe, progress=progress)
         notes.append(
             "no split column: made a patient-grouped stratified "
             f"{'/'.join(f'{x:g}' for x in DEFAULT_RATIOS)} train/val/test split (seed {seed})"
@@ -412,9 +410,7 @@ def _fraction_mask(pdata: ProbeData, fraction: float, seed: int) -> np.ndarray:
     """Which records stay: every val/test one, ``fraction`` of the train patients (``label_fraction``)."""
     if fraction >= 1:
         return np.ones(len(pdata.records), dtype=bool)
-    stratified = [replace(r, label=s) for r, s in zip(pdata.records, pdata.strata, strict=True)]
-    chosen = {id(r) for r in label_fraction(stratified, fraction, seed)}
-    return np.asarray([id(r) in chosen for r in stratified])
+    return np.asarray(fraction_mask(pdata.records, pdata.strata, fraction, seed), dtype=bool)
 
 
 class _Constant:

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from cxrcae._parse import comma_list
 from cxrcae.data.records import Record, record_columns
-from cxrcae.errors import CxrcaeError, DataError
+from cxrcae.errors import CxrcaeError, DataError, OptionError
 from cxrcae.eval.report import MARKED_COLUMN
 from cxrcae.metrics import fmt_ci, full_report
 
@@ -83,11 +84,9 @@ def _parse_term(text: str) -> Term:
     if not sep:
         return Term(column, text=column)
     try:
-        numbers = [float(v) for v in arg.split(",") if v.strip()]
-    except ValueError:
-        raise CxrcaeError(
-            f"--by {text!r}: after ':' give a band width (age:10) or cut points (age:18,65)"
-        ) from None
+        numbers = comma_list(arg, float, f"--by {text!r}")
+    except OptionError:
+        numbers = ()
     if not numbers or not all(math.isfinite(v) for v in numbers):
         raise CxrcaeError(f"--by {text!r}: after ':' give a band width (age:10) or cut points (age:18,65)")
     if "," in arg:

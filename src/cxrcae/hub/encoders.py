@@ -8,6 +8,9 @@ A spec is one string:
 ``PATH`` or ``user/repo``  the encoder of any cxrcae checkpoint folder or Hub id (``load_encoder``)
 ``timm:NAME``              any timm model as a feature extractor, randomly initialised (nothing downloaded)
 ``timm:NAME:WEIGHTS``      the same, weights from a local ``.safetensors`` / ``.pth`` file, loaded strictly
+                           (an EfficientNet file in lukemelas' key names is renamed to timm's first)
+``imagenet-lite0``         ImageNet EfficientNet-Lite0 as timm's ``tf_efficientnet_lite0``, offline, from the
+                           optional package of ``cxrcae[imagenet]`` (``cxrcae.hub.imagenet``)
 =========================  ==============================================================================
 
 ``resolve_encoder(spec)`` returns a ``ResolvedEncoder``: the backbone (``forward_features`` gives its final
@@ -32,6 +35,16 @@ from torch import nn
 
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError, CxrcaeError, add_note
+from cxrcae.hub.imagenet import (
+    DISTRIBUTION,
+    IMAGENET_LITE0,
+    TIMM_NAME,
+    imagenet_lite0,
+    is_lukemelas,
+    lukemelas_to_timm,
+    package_version,
+    weights_file,
+)
 from cxrcae.hub.resolve import BUNDLED_ENCODER, encoder_state, resolve_encoder_checkpoint
 from cxrcae.models.cae import NUM_FEATURES, CAEEncoder
 from cxrcae.models.checkpoint import load_state_strict
@@ -43,8 +56,8 @@ RANDOM_ALIASES = (RANDOM, "none")
 DEFAULT_SIZE = 224
 SPECS_HELP = (
     "bundled (the encoder shipped with cxrcae), random (same architecture, seeded init), a checkpoint "
-    "folder or Hub id user/repo[@rev], timm:NAME (any timm model, random init) or timm:NAME:WEIGHTS_FILE "
-    "(.safetensors/.pth on disk)"
+    "folder or Hub id user/repo[@rev], timm:NAME (any timm model, random init), timm:NAME:WEIGHTS_FILE "
+    "(.safetensors/.pth on disk) or imagenet-lite0 (ImageNet EfficientNet-Lite0, cxrcae[imagenet])"
 )
 
 
@@ -120,9 +133,28 @@ def resolve_encoder(spec: str | Path, *, seed: int = 0) -> ResolvedEncoder:
         raise CxrcaeError(f"empty encoder name; expected {SPECS_HELP}")
     if text.startswith(TIMM_PREFIX):
         return _timm_encoder(text, seed)
+    if text.lower() == IMAGENET_LITE0 and not Path(text).exists():
+        return _imagenet_lite0(text)
     if text.lower() == RANDOM and not Path(text).exists():
         return _random_cae(text, seed)
     return _checkpoint_encoder(text)
+
+
+def check_encoder(spec: str | Path) -> None:
+    """Fail now, in one line, on a spec that cannot resolve (an unknown timm model, a missing weights file or
+    checkpoint folder, ``imagenet-lite0`` without its package), before any data is read or model built."""
+    text = str(spec).strip()
+    if not text:
+        raise CxrcaeError(f"empty encoder name; expected {SPECS_HELP}")
+    if text.startswith(TIMM_PREFIX):
+        name, weights = parse_timm_spec(text)
+        _check_timm_name(text, name)
+        if weights is not None and not weights.is_file():
+            raise CheckpointError(f"{weights}: no such weights file")
+    elif text.lower() == IMAGENET_LITE0 and not Path(text).exists():
+        weights_file()
+    elif not (text.lower() == RANDOM and not Path(text).exists()):
+        _checkpoint_folder(text)
 
 
 def cae_encoder_ref(spec: str | None) -> str | None:
@@ -136,7 +168,7 @@ def cae_encoder_ref(spec: str | None) -> str | None:
     text = str(spec).strip()
     if text.lower() in RANDOM_ALIASES and not Path(text).exists():
         return None
-    if text.startswith(TIMM_PREFIX):
+    if text.startswith(TIMM_PREFIX) or text.lower() == IMAGENET_LITE0:
         raise CxrcaeError(
             f"{text}: fine-tuning trains the cxrcae encoder architecture; a timm model can be probed "
             "(cxrcae probe) but not used here. Use bundled, random, a checkpoint folder or a Hub id"
@@ -217,19 +249,50 @@ def parse_timm_spec(spec: str) -> tuple[str, Path | None]:
 
 def _timm_encoder(spec: str, seed: int) -> ResolvedEncoder:
     name, weights = parse_timm_spec(spec)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
-        raise CxrcaeError(f"{spec}: timm has no model {name!r}{hint}")
+    _check_timm_name(spec, name)
     state = read_weights_file(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False)
+        if state is not None and is_lukemelas(state) and hasattr(model, "blocks"):
+            state = lukemelas_to_timm(state, model)
         if state is not None:
             _fit_head(model, state)
     if state is not None:
         load_state_strict(model, state, str(weights))
     model.reset_classifier(0)  # features only: a probe or a new head reads them
+    return _timm_resolved(
+        spec,
+        model,
+        {
+            "timm_model": name,
+            "weights": str(weights) if weights is not None else None,
+            **({} if weights is not None else {"seed": int(seed)}),
+        },
+    )
+
+
+def _check_timm_name(spec: str, name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
+        raise CxrcaeError(f"{spec}: timm has no model {name!r}{hint}")
+
+
+def _imagenet_lite0(spec: str) -> ResolvedEncoder:
+    """``imagenet-lite0``: the package's ImageNet weights in ``tf_efficientnet_lite0`` (inputs to [-1, 1])."""
+    model = imagenet_lite0(classifier=False)
+    provenance = {
+        "timm_model": TIMM_NAME,
+        "weights": str(weights_file()),
+        "package": f"{DISTRIBUTION}=={package_version()}",
+        "pretraining": "ImageNet-1k",
+    }
+    return _timm_resolved(spec, model, provenance)
+
+
+def _timm_resolved(spec: str, model: nn.Module, provenance: dict[str, Any]) -> ResolvedEncoder:
+    """A headless timm model and the input contract of its ``pretrained_cfg``."""
     cfg = model.pretrained_cfg
     in_chans = int(cfg.get("input_size", (3,))[0])
     return ResolvedEncoder(
@@ -242,11 +305,7 @@ def _timm_encoder(spec: str, seed: int) -> ResolvedEncoder:
         std=tuple(float(v) for v in cfg.get("std", (1.0,) * in_chans)),
         in_chans=in_chans,
         num_features=int(model.num_features),
-        provenance={
-            "timm_model": name,
-            "weights": str(weights) if weights is not None else None,
-            **({} if weights is not None else {"seed": int(seed)}),
-        },
+        provenance=provenance,
     )
 
 

@@ -244,7 +244,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
     read; a bare encoder checkpoint loads as the encoder."""
     folder = resolve_checkpoint(ref)
     config = read_config(folder)
-    if task_name(config) is not None:
+    if task_name(config, folder / CONFIG_NAME) is not None:
         task_of(config, folder / CONFIG_NAME)
     return load_folder(folder, build_model, device)
 

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from cxrcae import bundled
-from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError
 from cxrcae.hub.resolve import LoadedModel
 from cxrcae.infer.batches import UniqueNames, answering_model
@@ -261,7 +260,6 @@ def iter_predictions(
     decoded again (``predict --resume``, ``cxrcae.infer.writers.RowJournal``).
     """
 
-    keep_freed_memory()
     backend = check_backend(backend, device, precision, explain_dir)
     loaded = prediction_model(model, device, backend, ood=ood)
     shape = RowShape.of(loaded, **task_options(loaded.task, top_k=top_k, threshold=threshold))

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from cxrcae.data.stream import Batch, iter_batches
+from cxrcae.runtime import MAX_WORKERS
 
-MAX_WORKERS = 4
 OVERLAP_EFFICIENCY = 0.85
 MIN_BATCHES_FOR_WORKERS = 2
 

@@ -37,13 +37,18 @@ def resize_xray(img: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray
     size = int(size)
     if mode == "stretch":
         return _resize(img, size, size)
-    h, w = img.shape
-    scale = size / max(h, w)
-    new_h, new_w = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    top, left, new_h, new_w = letterbox_box(*img.shape, size)
     out = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = _resize(img, new_w, new_h)
     return out
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where "pad" puts an HxW image in the size x size input: (top, left, new height, new width).
+    Masks follow the same box (``cxrcae.data.masks``), so they stay aligned with their image."""
+    scale = size / max(height, width)
+    new_h, new_w = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def load_for_model(path: str | Path, size: int, mode: str = "stretch") -> np.ndarray:

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._pretrained import PretrainedCfg
+from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
 
 from cxrcae import bundled
 from cxrcae.errors import CheckpointError

@@ -19,6 +19,7 @@ from cxrcae.tasks.base import Objective, Task
 from cxrcae.tasks.classify import Classify
 from cxrcae.tasks.multilabel import MultiLabel
 from cxrcae.tasks.reconstruct import Reconstruct
+from cxrcae.tasks.segment import Segment
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -26,6 +27,7 @@ TASKS: dict[str, Task] = {
         Reconstruct(),
         Classify(),
         MultiLabel(),
+        Segment(),
     )
 }
 ENCODER_KIND = "encoder"
@@ -40,7 +42,7 @@ def get_task(name: str) -> Task:
         raise CheckpointError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
-def task_name(config: dict[str, Any]) -> str | None:
+def task_name(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> str | None:
     """The task a config.json names; an older one's from its ``kind``; None for a bare encoder."""
     if config.get("task") is not None:
         return str(config["task"])
@@ -50,12 +52,13 @@ def task_name(config: dict[str, Any]) -> str | None:
     for task in TASKS.values():
         if task.kind == kind:
             return task.name
-    raise CheckpointError(f"config.json has kind={kind!r} and no task; known tasks: {', '.join(TASKS)}")
+    kinds = ", ".join([ENCODER_KIND, *(t.kind for t in TASKS.values())])
+    raise CheckpointError(f"{where}: field 'kind' must be one of {kinds} (or a 'task' named), got {kind!r}")
 
 
 def task_of(config: dict[str, Any], where: str | Path = CONFIG_NAME) -> Task:
     """The task of a checkpoint's config, its own fields validated (``Task.validate_config``)."""
-    name = task_name(config)
+    name = task_name(config, where)
     if name is None:
         raise CheckpointError(f"{where}: a bare encoder checkpoint has no task; fine-tune it first")
     task = get_task(name)

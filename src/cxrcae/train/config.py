@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cxrcae._parse import comma_list
 from cxrcae.errors import CxrcaeError
 from cxrcae.models import HEADS
 from cxrcae.tasks import get_task
@@ -28,7 +29,7 @@ STAGE_NAMES = ("head", *reversed(ENCODER_BLOCKS[1:]), "all")
 def expand_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
     """Validate ``--stages`` and expand ``gradual``; raises ``CxrcaeError`` on unknown names."""
     if isinstance(stages, str):
-        stages = [s for s in stages.replace(" ", "").split(",") if s]
+        stages = comma_list(stages, what="--stages")
     out: list[str] = []
     for name in stages:
         name = name.strip().lower()

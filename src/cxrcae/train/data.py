@@ -190,15 +190,6 @@ def _clamp01(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0.0, 1.0)  # a named function (not a lambda) so spawned DataLoader workers can pickle it
 
 
-def training_workers(num_workers: int | None = None) -> int:
-    """Decoding workers for training: CPUs-2, at most 4. With images decoded once (the decoded cache), a
-    worker on a 2-core machine only competes with the training step: measured at 224 px, batch 16, 2 cores,
-    a pass over cached real files ran at 78% of the in-memory step rate with 1 worker and 103% with none."""
-    if num_workers is not None:
-        return num_workers
-    return max(0, min(4, (os.cpu_count() or 1) - 2))
-
-
 def make_loader(
     dataset: Dataset,
     batch_size: int,

@@ -39,7 +39,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cxrcae._atomic import atomic_write_text, uninterrupted
-from cxrcae.allocator import keep_freed_memory
 from cxrcae.errors import CxrcaeError, add_note
 from cxrcae.hub.card import build_card
 from cxrcae.locking import hold
@@ -387,7 +386,6 @@ def _fit(run: Run, resume: Resume | None, world: distributed.World) -> FitOutcom
     stopper: EarlyStopping | None = None
     resume_optimizer: dict[str, Any] | None = None
     skipped: list[str] = []
-    keep_freed_memory()
     started = time.perf_counter()
 
     if resume is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cxrcae.cli.common import console, err_console, make_table, print_json
+from cxrcae.cli.common import DEFAULT_WORKERS_TEXT, comma_list, console, err_console, make_table, print_json
 
 PANEL = "Training"
 RUNTIME = "Runtime"
@@ -46,8 +46,8 @@ TrainWorkersOpt = Annotated[
     typer.Option(
         "--num-workers",
         min=0,
-        help="DataLoader worker processes (the training step keeps two cores).",
-        show_default="CPUs-2, max 4",
+        help="DataLoader worker processes.",
+        show_default=DEFAULT_WORKERS_TEXT,
         rich_help_panel=RUNTIME,
     ),
 ]
@@ -95,18 +95,22 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The core's config dataclass filled from a command's options, matched by name.
 
     One mapping for ``pretrain``, ``finetune`` and ``reproduce``: options that are not fields (DATA, --out,
-    --json, ...) are left out, ``--num-workers`` gets its default, ``--stages`` a tuple and
-    ``--encoder none`` becomes no encoder.
+    --json, ...) are left out, ``--num-workers`` gets its default, ``--stages``, ``--masks`` and
+    ``--label-columns`` tuples and ``--encoder none`` becomes no encoder.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {_RENAMED.get(k, k): v for k, v in options.items()}
     values = {k: v for k, v in values.items() if k in fields}
     if "num_workers" in values:
-        from cxrcae.train.data import training_workers
+        from cxrcae.runtime import default_workers
 
-        values["num_workers"] = training_workers(values["num_workers"])
-    if isinstance(values.get("stages"), str):
-        values["stages"] = tuple(s.strip() for s in values["stages"].split(",") if s.strip())
+        values["num_workers"] = default_workers(values["num_workers"])
+    for name in ("stages", "masks", "label_columns"):
+        if isinstance(values.get(name), str):
+            values[name] = tuple(comma_list(values[name], what=f"--{name.replace('_', '-')}"))
+    for name in ("masks", "label_columns"):
+        if name in values and values[name] is None:
+            values[name] = ()
     if isinstance(values.get("encoder"), str) and values["encoder"].strip().lower() == "none":
         values["encoder"] = None
     return cls(**values)
@@ -119,6 +123,21 @@ def require_data_and_out(data: Path | None, out: Path | None, resume: Path | Non
         raise typer.BadParameter("DATA is required (unless --resume is given)", param_hint="DATA")
     if out is None:
         raise typer.BadParameter("--out is required (unless --resume is given)", param_hint="--out")
+
+
+_SHORT = {"val_accuracy": "val acc", "val_balanced_accuracy": "val bal. acc", "val_macro_f1": "val macro F1"}
+_MAX_METRIC_COLUMNS = 3
+
+
+def _metric_columns(history: list[dict[str, Any]]) -> list[str]:
+    """The task's first validation metrics in the history (classify: accuracy, balanced accuracy, macro F1;
+    segment: mean Dice, then Dice per structure), at most three, in the order the task reports them."""
+    keys: dict[str, None] = {}
+    for row in history:
+        keys.update(
+            dict.fromkeys(k for k in row if k.startswith("val_") and k not in ("val_loss", "val_mse"))
+        )
+    return list(keys)[:_MAX_METRIC_COLUMNS]
 
 
 def render_result(result: Any, *, json_out: bool, quiet: bool) -> None:
@@ -136,15 +155,14 @@ def render_result(result: Any, *, json_out: bool, quiet: bool) -> None:
     if quiet:
         return
     history = data["history"]
-    classify = any("val_accuracy" in row for row in history)
+    shown = _metric_columns(history)
     columns = ["epoch", "stage", "lr", "train loss", "val loss"]
-    columns += ["val acc", "val bal. acc", "val macro F1"] if classify else []
+    columns += [_SHORT.get(k, k.removeprefix("val_").replace("_", " ")) for k in shown]
     columns += ["s", "img/s", "best"]
     rows = []
     for row in history:
         cells = [row["epoch"], row["stage"], f"{row['lr']:g}", row["train_loss"], row["val_loss"]]
-        if classify:
-            cells += [row.get("val_accuracy"), row.get("val_balanced_accuracy"), row.get("val_macro_f1")]
+        cells += [row.get(k) for k in shown]
         cells += [f"{row['seconds']:.1f}", f"{row['images_per_s']:.1f}", "*" if row["best"] else ""]
         rows.append(cells)
     title = f"{data['task']}: {data['train_images']} train / {data['val_images']} val images"

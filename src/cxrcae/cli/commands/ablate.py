@@ -20,19 +20,11 @@ from cxrcae.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    comma_list,
     console,
     make_table,
     print_json,
 )
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected comma-separated numbers, got {text!r}", param_hint=option
-        ) from None
 
 
 @app.command("ablate")
@@ -104,8 +96,8 @@ def ablate_command(
     from cxrcae.cli.common import progress_bar
 
     options = dict(ctx.params)
-    options["fractions"] = _floats(fractions, "--fractions")
-    options["plain_lrs"] = _floats(plain_lrs, "--plain-lrs")
+    options["fractions"] = comma_list(fractions, float, "--fractions")
+    options["plain_lrs"] = comma_list(plain_lrs, float, "--plain-lrs")
     cfg = config_from_options(AblationConfig, options)
     with progress_bar(quiet or json_out) as progress:
         result = run_ablation(data, out, cfg, progress)
@@ -116,7 +108,7 @@ def ablate_command(
 
 
 def _render(result) -> None:
-    from cxrcae.ablation import arm_rows, comparison_rows
+    from cxrcae.ablation import NAMES, arm_rows, comparison_rows
 
     def ci(lo, hi) -> str:
         return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
@@ -145,7 +137,7 @@ def _render(result) -> None:
             ci(r["ci_lo"], r["ci_hi"]),
             "" if r["p_cae_not_better"] is None else f"{r['p_cae_not_better']:.3f}",
         ]
-        for r in comparison_rows(result.points)
+        for r in comparison_rows(result.points, NAMES)
     ]
     unit = result.points[0]["comparisons"]["cae-vs-random"]["unit"] if result.points else "image"
     title = f"Paired difference, cae minus baseline (95% CI, {unit} bootstrap)"

@@ -86,10 +86,11 @@ def audit_command(
     Exit codes: 0 clean (warnings allowed), 3 leakage between splits (or any finding with --strict),
     1 error. Unreadable images are reported and skipped.
     """
-    from cxrcae.cli.common import progress_bar, workers_or_default
+    from cxrcae.cli.common import progress_bar
     from cxrcae.data import load_records
     from cxrcae.data.audit import LEAKAGE_EXIT_CODE, audit_records, write_report
     from cxrcae.errors import DataError
+    from cxrcae.runtime import default_workers
 
     checks = []
     if model is not None:
@@ -100,7 +101,7 @@ def audit_command(
                 model,
                 max_images=probe_images,
                 seed=seed,
-                num_workers=workers_or_default(None),
+                num_workers=default_workers(),
                 device=device,
             )
         )

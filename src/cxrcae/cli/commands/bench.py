@@ -32,7 +32,9 @@ def bench_command(
         int, typer.Option("--image-size", min=32, help="Input size (multiple of 32).")
     ] = 224,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training batch size.")] = 16,
-    predict_batch_size: Annotated[int, typer.Option("--predict-batch-size", min=1)] = 32,
+    predict_batch_size: Annotated[
+        int, typer.Option("--predict-batch-size", min=1, help="Images per --predict forward pass.")
+    ] = 32,
     predict_model: Annotated[
         str | None,
         typer.Option(
@@ -116,21 +118,14 @@ def bench_command(
     lists every run's images/s and the ratios use the best.
     """
     from cxrcae.bench import PREDICT_BACKENDS, TRAIN_TASKS, run_bench
-    from cxrcae.cli.common import path_arg, progress_bar
+    from cxrcae.cli.common import comma_list, path_arg, progress_bar
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    bad = [t for t in task_list if t not in TRAIN_TASKS]
-    if bad:
-        raise typer.BadParameter(f"unknown task(s) {', '.join(bad)}", param_hint="--tasks")
-    try:
-        pairs = [SETTINGS[s.strip().lower()] for s in settings.split(",") if s.strip()]
-    except KeyError as exc:
-        raise typer.BadParameter(f"unknown setting {exc.args[0]}", param_hint="--settings") from None
+    task_list = list(comma_list(tasks, what="--tasks", choices=TRAIN_TASKS))
+    pairs = [SETTINGS[s] for s in comma_list(settings.lower(), what="--settings", choices=SETTINGS)]
     if (keras_python is None) != (keras_script is None):
         raise typer.BadParameter("give both --keras-python and --keras-script", param_hint="--keras-python")
-    backend_list = [b.strip() for b in predict_backends.split(",") if b.strip()]
-    unknown = [b for b in backend_list if b not in PREDICT_BACKENDS]
-    if unknown or not backend_list:
+    backend_list = list(comma_list(predict_backends, what="--predict-backends", choices=PREDICT_BACKENDS))
+    if not backend_list:
         raise typer.BadParameter(
             f"use some of {', '.join(PREDICT_BACKENDS)}", param_hint="--predict-backends"
         )

@@ -18,7 +18,6 @@ from cxrcae.cli.common import (
     console,
     make_table,
     print_json,
-    workers_or_default,
 )
 
 
@@ -42,13 +41,14 @@ def calibrate_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.eval.calibration import calibrate
+    from cxrcae.runtime import default_workers
 
     with progress_bar(quiet or json_out) as progress:
         info = calibrate(
             model,
             data,
             batch_size=batch_size,
-            num_workers=workers_or_default(num_workers),
+            num_workers=default_workers(num_workers),
             device=device,
             precision=precision,
             progress=progress,

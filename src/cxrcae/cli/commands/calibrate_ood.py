@@ -18,7 +18,6 @@ from cxrcae.cli.common import (
     console,
     make_table,
     print_json,
-    workers_or_default,
 )
 
 
@@ -91,6 +90,7 @@ def calibrate_ood_command(
     Test images are never used (test rows, and MODEL/test_split.csv when present).
     """
     from cxrcae.cli.common import progress_bar
+    from cxrcae.runtime import default_workers
     from cxrcae.train.guard import calibrate_ood
 
     with progress_bar(quiet or json_out) as progress:
@@ -103,7 +103,7 @@ def calibrate_ood_command(
             quantile=quantile,
             max_images=max_images,
             batch_size=batch_size,
-            num_workers=workers_or_default(num_workers),
+            num_workers=default_workers(num_workers),
             device=device,
             seed=seed,
             reuse_guard=reuse_guard,

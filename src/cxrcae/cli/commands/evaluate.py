@@ -20,7 +20,6 @@ from cxrcae.cli.common import (
     err_console,
     make_table,
     print_json,
-    workers_or_default,
 )
 
 
@@ -89,6 +88,7 @@ def evaluate_command(
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.eval.evaluation import evaluate
+    from cxrcae.runtime import default_workers
 
     with progress_bar(quiet or json_out) as progress:
         result = evaluate(
@@ -97,7 +97,7 @@ def evaluate_command(
             split,
             out_dir=out,
             batch_size=batch_size,
-            num_workers=workers_or_default(num_workers),
+            num_workers=default_workers(num_workers),
             device=device,
             precision=precision,
             n_bootstrap=bootstrap,

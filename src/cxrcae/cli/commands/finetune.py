@@ -27,6 +27,19 @@ from cxrcae.cli.commands._training import (
 from cxrcae.cli.common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, SeedOpt
 
 
+def _labelled_task(value: str) -> str:
+    """``--task``: a registered task that trains on labels (checked when the command runs, so that
+    ``--help`` does not load the task registry and torch)."""
+    from cxrcae.tasks import TASKS
+
+    choices = [name for name, task in TASKS.items() if task.labelled]
+    if value not in choices:
+        raise typer.BadParameter(
+            f"{value!r} is not a task that trains on labels; choose {', '.join(choices)}"
+        )
+    return value
+
+
 @app.command("finetune")
 def finetune_command(
     ctx: typer.Context,
@@ -88,6 +101,35 @@ def finetune_command(
             "class, against the source shortcut).",
         ),
     ] = "none",
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            callback=_labelled_task,
+            help="What to learn: classify (one label per image, the manifest's label column or class "
+            "folders) or segment (one mask per structure: --masks, or images/ + masks/<structure>/ folders).",
+        ),
+    ] = "classify",
+    masks: Annotated[
+        str | None,
+        typer.Option(
+            "--masks",
+            help="--task segment: the manifest's mask-path columns, one per structure, comma-separated "
+            "(e.g. left_lung,right_lung,heart); relative paths are read from the manifest's folder. "
+            "Default: every column of image paths, or every masks/<structure>/ folder.",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", help="Manifest column of separated label names (with --label-sep)."),
+    ] = None,
+    label_sep: Annotated[
+        str | None, typer.Option("--label-sep", help="Separator of the names in the --labels column, e.g. /.")
+    ] = None,
+    label_columns: Annotated[
+        str | None,
+        typer.Option("--label-columns", help="0/1 manifest columns, one per label, comma-separated."),
+    ] = None,
     limit_batches: LimitBatchesOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = 0,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import JsonOpt, console, err_console, make_table, print_json
+from cxrcae.cli.common import JsonOpt, comma_list, console, err_console, make_table, print_json
 
 
 @app.command("import-keras")
@@ -44,7 +44,7 @@ def import_keras_command(
     """
     from cxrcae.hub.keras import import_keras
 
-    names = [n.strip() for n in class_names.split(",") if n.strip()] if class_names else None
+    names = list(comma_list(class_names, what="--class-names")) if class_names else None
     result = import_keras(file, out, class_names=names, image_size=image_size, resize_mode=resize_mode)
     cfg = result.config
     summary = {

@@ -20,8 +20,9 @@ def probe_command(
         str,
         typer.Argument(
             help="bundled (the encoder shipped with cxrcae), random (same architecture, seeded init), a "
-            "checkpoint folder or Hub id user/repo[@rev], timm:NAME (any timm model, random init) or "
-            "timm:NAME:WEIGHTS_FILE (.safetensors/.pth on disk)."
+            "checkpoint folder or Hub id user/repo (or user/repo@rev), timm:NAME (any timm model, random "
+            "init), timm:NAME:WEIGHTS_FILE (.safetensors/.pth on disk) or imagenet-lite0 (ImageNet "
+            "EfficientNet-Lite0; needs the imagenet extra)."
         ),
     ],
     data: Annotated[
@@ -135,7 +136,7 @@ def _render(result: Any) -> None:
     from rich import box
     from rich.table import Table
 
-    from cxrcae.eval.report import fmt_ci
+    from cxrcae.metrics import fmt_ci
 
     enc, counts, m = result.encoder, result.counts, result.metrics
     ci = m.get("ci") or {}

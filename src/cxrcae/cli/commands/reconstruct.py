@@ -18,7 +18,6 @@ from cxrcae.cli.common import (
     err_console,
     make_table,
     print_json,
-    workers_or_default,
 )
 from cxrcae.errors import EXIT_SOME_FAILED
 
@@ -51,6 +50,7 @@ def reconstruct_command(
     from cxrcae.cli.common import progress_bar
     from cxrcae.errors import CxrcaeError
     from cxrcae.infer.reconstruct import reconstruct
+    from cxrcae.runtime import default_workers
 
     with progress_bar(quiet or json_out) as progress:
         result = reconstruct(
@@ -58,7 +58,7 @@ def reconstruct_command(
             paths,
             out,
             batch_size=batch_size,
-            num_workers=workers_or_default(num_workers),
+            num_workers=default_workers(num_workers),
             device=device,
             error_max=error_max,
             progress=progress,

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import JsonOpt, QuietOpt, SeedOpt, console, err_console, make_table, print_json
+from cxrcae.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    comma_list,
+    console,
+    err_console,
+    make_table,
+    print_json,
+)
 
 _MAX_LISTED_ERRORS = 5
 
@@ -17,12 +26,9 @@ def _parse_ratios(text: str) -> tuple[float, float, float]:
     from cxrcae.data.splits import check_ratios
     from cxrcae.errors import DataError
 
+    values = comma_list(text, float, "--ratios")
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
         return check_ratios(values)
-    except ValueError:
-        message = f"expected three comma-separated numbers like 0.73,0.135,0.135, got {text!r}"
-        raise typer.BadParameter(message) from None
     except DataError as exc:
         raise typer.BadParameter(str(exc)) from None
 
