@@ -1,13 +1,17 @@
-"""predict and evaluate drive any task through its hooks: a multi-label model end to end through the CLI,
-classify-only switches refused in one line, and a model given data of another task's shape."""
+"""predict and evaluate drive any task through its hooks: multi-label and segmentation models end to end
+through the CLI, classify-only switches refused in one line, and a model given data of another task's
+shape."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cxrcae.errors import CxrcaeError
 from cxrcae.eval.calibration import calibrate
@@ -134,3 +138,67 @@ def test_a_model_given_data_of_another_shape_says_which_column(
         writer.writerows(rows)
     wrong = cli("evaluate", multilabel_model, other, "--out", tmp_path / "b")
     assert wrong.exit_code == 1 and "finding" in wrong.output and "Traceback" not in wrong.output
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    config, _ = get_task("segment").example(32)
+    config = {**config, "structures": ["a", "b"]}
+    torch.manual_seed(0)
+    return save_checkpoint(build_model(config), tmp_path_factory.mktemp("seg") / "model", config)
+
+
+@pytest.fixture(scope="module")
+def shapes_manifest(tmp_path_factory):
+    """6 gray images with a bright disc (structure ``a``) and rectangle (``b``) and their mask PNGs."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    rows = []
+    for i in range(6):
+        cy, cx = (int(v) for v in rng.integers(10, 20, 2))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 49
+        rect = (yy >= 28) & (yy < 40) & (xx >= 26 + i) & (xx < 40)
+        image = (0.2 + 0.5 * disc + 0.3 * rect + 0.05 * rng.random((48, 48))) * 255
+        names = {"path": f"im{i}.png", "a": f"a{i}.png", "b": f"b{i}.png"}
+        for key, array in (("path", image), ("a", disc * 255), ("b", rect * 255)):
+            Image.fromarray(np.asarray(array, dtype=np.uint8)).save(root / names[key])
+        rows.append({**names, "patient_id": f"p{i // 2}"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+def test_segmenter_predicts_areas_and_writes_its_files(cli, segmenter, shapes_manifest, tmp_path):
+    out, files = tmp_path / "rows.csv", tmp_path / "masks"
+    images = sorted(str(p) for p in shapes_manifest.parent.glob("im*.png"))
+    args = ["-m", segmenter, "--num-workers", "0", "--no-ood", "-o", out, "--files", files]
+    result = cli("predict", *images, *args)
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    areas = ["a_area_fraction", "a_area_px", "b_area_fraction", "b_area_px"]
+    assert reader.fieldnames == ["path", "status", *areas, "a_mask", "b_mask", "overlay", "reason", *SCREEN]
+    assert len(rows) == 6 and all(0 <= int(r["a_area_px"]) <= 32 * 32 for r in rows)
+    for row in rows:
+        for column in ("a_mask", "b_mask", "overlay"):
+            assert Path(row[column]).parent == files and Image.open(row[column]).size[0] > 0
+    assert len({r["overlay"] for r in rows}) == 6  # one set of files per input
+
+
+def test_segmenter_evaluates_with_its_own_metrics_and_files(cli, segmenter, shapes_manifest, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--out", out, "--bootstrap", "10", "--num-workers", "0", "--device", "cpu"]
+    result = cli("evaluate", segmenter, shapes_manifest, *args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6 and {"a", "b"} <= set(metrics)
+    assert (out / "overlays" / "worst_1.png").is_file() and (out / "report.html").is_file()
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(r["status"] == "ok" and r["a_area_px"] != "" for r in rows)
+    no_masks = cli("evaluate", segmenter, shapes_manifest.parent, "--out", tmp_path / "x")
+    assert no_masks.exit_code == 1 and "Traceback" not in no_masks.output
