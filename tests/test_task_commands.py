@@ -101,7 +101,7 @@ def test_classify_only_commands_are_refused(cli, multilabel_model, small_manifes
             export_onnx(multilabel_model, tmp_path / "m.onnx")
     result = cli("evaluate", multilabel_model, small_manifest, "--bins", "10", "--out", tmp_path / "e")
     assert result.exit_code == 1 and "--bins is not available" in result.output
-    assert not (tmp_path / "e").exists()
+    assert not (tmp_path / "e" / "metrics.json").exists()
 
 
 def test_evaluate_scores_any_task(cli, multilabel_model, small_manifest, tmp_path):
@@ -191,11 +191,14 @@ def test_segmenter_predicts_areas_and_writes_its_files(cli, segmenter, shapes_ma
 
 def test_segmenter_evaluates_with_its_own_metrics_and_files(cli, segmenter, shapes_manifest, tmp_path):
     out = tmp_path / "eval"
-    args = ["--out", out, "--bootstrap", "10", "--num-workers", "0", "--device", "cpu"]
+    args = ["--out", out, "--bootstrap", "10", "--num-workers", "0", "--device", "cpu", "--by", "patient_id"]
     result = cli("evaluate", segmenter, shapes_manifest, *args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 6 and {"a", "b"} <= set(metrics)
+    groups = metrics["subgroups"]["patient_id"]["groups"]
+    assert set(groups) == {"p0", "p1", "p2"} and all(g["n"] == 2 and "a" in g for g in groups.values())
+    assert "By patient_id" in result.output and "mean Dice" in result.output  # its own summary row
     assert (out / "overlays" / "worst_1.png").is_file() and (out / "report.html").is_file()
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -91,7 +91,7 @@ class EvaluationResult:
 
     def subgroup_tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """(title, columns, rows) per ``by`` breakdown, in the order asked."""
-        return subgroup_tables(self.metrics)
+        return subgroup_tables(self.metrics, self.task)
 
     def _task(self) -> Task:
         if self.task is None:
@@ -112,13 +112,15 @@ IN_MODEL_TEST = "in_model_test_split"
 """Derived column (yes/no) on an external set when the model lists its test images: usable with ``by``."""
 
 
-def subgroup_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """One (title, columns, rows) table per ``--by`` breakdown in ``metrics``."""
+def subgroup_tables(metrics: dict, task: Task | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One (title, columns, rows) table per ``--by`` breakdown in ``metrics`` (a task's own metrics are shown
+    through its ``metric_rows``)."""
     names = metrics.get("class_names") or []
+    rows_of = task.metric_rows if task is not None else None
     tables = []
     for spec, breakdown in (metrics.get("subgroups") or {}).items():
         title = f"By {spec}" + (" (shortcut check)" if spec == "source" else "")
-        tables.append((title, *subgroup_table(breakdown, names, spec)))
+        tables.append((title, *subgroup_table(breakdown, names, spec, rows_of)))
     return tables
 
 
@@ -235,6 +237,7 @@ def evaluate(
     groups = [r.patient_id for r in kept]
 
     metrics = task.score_outputs(outputs, targets, groups, config, n_boot=n_bootstrap, seed=seed, **options)
+    metrics.setdefault("n", len(kept))  # images scored: every metrics.json says it, whatever the task
     if calibration_info:
         metrics["calibration"]["fit"] = calibration_info
 
@@ -458,7 +461,7 @@ def _write_html(path: Path, task: Task, metrics: dict, images: list[Path]) -> Pa
         ),
     ]
     tables = [("Metrics (95% CI)", *task.metric_rows(metrics))]
-    tables += subgroup_tables(metrics)
+    tables += subgroup_tables(metrics, task)
     notes = list(metrics["notes"])
     if any(g.get("small") for b in (metrics.get("subgroups") or {}).values() for g in b["groups"].values()):
         notes.append(

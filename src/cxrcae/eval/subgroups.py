@@ -36,9 +36,6 @@ FEW_CLASS_N = 5
 """A class with fewer images than this (but some) in a subgroup is flagged: its recall rests on a handful."""
 MISSING = "(none)"
 _SEP = " / "
-_SHOWN = 4
-"""Metrics per subgroup row of a task whose scores are not per class (the first top-level numbers)."""
-
 Score = Callable[[np.ndarray, np.ndarray, "list[str | None] | None"], dict[str, Any]]
 """(targets, probabilities, patient ids or None) of one subgroup -> its metrics (``Task.score``)."""
 
@@ -218,6 +215,7 @@ def subgroup_metrics(
     for _, name in order:
         idx = np.flatnonzero(np.array([n == name for n in names]))
         report = score(y[idx], probs[idx], None if groups is None else [groups[i] for i in idx])
+        report.setdefault("n", len(idx))
         if isinstance(report.get("calibration"), dict):
             report["calibration"].pop("bins", None)
         report.pop("class_names", None)
@@ -248,13 +246,19 @@ def _flags(report: dict, min_n: int, min_class_n: int) -> list[str]:
     return flags
 
 
-def subgroup_table(breakdown: dict, class_names: Sequence[str], title: str = "subgroup") -> tuple[list, list]:
+def subgroup_table(
+    breakdown: dict,
+    class_names: Sequence[str],
+    title: str = "subgroup",
+    metric_rows: Callable[[dict], tuple[list[str], list[list[str]]]] | None = None,
+) -> tuple[list, list]:
     """(columns, rows): per subgroup its n (and per class), accuracy, macro recall and AUC, per-class
     recall, each with its 95% CI, and a ``marked`` column saying why a small subgroup is flagged. Scores
-    that are not per class (another task's) get n and their first top-level metrics instead."""
+    that are not per class (another task's) get n and the summary row of their task's table
+    (``metric_rows``: its ``macro`` or ``mean`` row, else its last) instead."""
     reports = list(breakdown["groups"].values())
     if not all(_per_class(m) and "accuracy" in m and "macro" in m for m in reports):
-        return _plain_table(breakdown, title)
+        return _task_table(breakdown, title, metric_rows)
     columns = [title, "n", *(f"n {c}" for c in class_names), "accuracy", "macro recall", "macro AUC"]
     columns += [f"recall {c}" for c in class_names] + [MARKED_COLUMN]
     rows = []
@@ -279,19 +283,23 @@ def subgroup_table(breakdown: dict, class_names: Sequence[str], title: str = "su
     return columns, rows
 
 
-def _plain_table(breakdown: dict, title: str) -> tuple[list, list]:
-    reports = list(breakdown["groups"].values())
-    keys = [
-        k
-        for k, v in (reports[0].items() if reports else ())
-        if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)
-    ][:_SHOWN]
-    rows = []
+_SUMMARY_ROWS = ("macro", "mean")
+
+
+def _task_table(
+    breakdown: dict, title: str, metric_rows: Callable[[dict], tuple[list[str], list[list[str]]]] | None
+) -> tuple[list, list]:
+    rows, headers = [], ["metrics"]
     for name, m in breakdown["groups"].items():
-        ci = m.get("ci") or {}
         marked = _marked(m, breakdown.get("min_n", SMALL_GROUP_N), breakdown.get("min_class_n", FEW_CLASS_N))
-        rows.append([name, str(m["n"]), *(fmt_ci(m.get(k), ci.get(k)) for k in keys), marked])
-    return [title, "n", *keys, MARKED_COLUMN], rows
+        cells: list[str] = []
+        if metric_rows is not None:
+            headers, table = metric_rows(m)
+            chosen = next((r for r in table if str(r[0]) in _SUMMARY_ROWS), table[-1] if table else [])
+            cells = [str(c) for c in chosen[1:]]
+            headers = [f"{chosen[0]} {h}" if chosen else h for h in headers[1:]]
+        rows.append([name, str(m["n"]), *cells, marked])
+    return [title, "n", *(headers if metric_rows is not None else []), MARKED_COLUMN], rows
 
 
 def _marked(report: dict, min_n: int, min_class_n: int) -> str:
