@@ -12,6 +12,7 @@ which is what makes the interval honest; images without a patient id are their o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -542,3 +543,13 @@ def multilabel_report(
         "seed": int(seed),
     }
     return report
+
+
+def fmt_ci(value: Any, ci: Sequence[float] | None = None, digits: int = 3) -> str:
+    """``0.912 (0.887-0.934)``; "n/a" for undefined values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if ci and all(v is not None and not math.isnan(v) for v in ci):
+        text += f" ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+    return text

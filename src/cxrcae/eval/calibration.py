@@ -20,8 +20,8 @@ from cxrcae._atomic import atomic_write_text
 from cxrcae.data import dataset_fingerprint, load_records
 from cxrcae.data.records import check_labels
 from cxrcae.errors import CheckpointError, CxrcaeError, DataError
-from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
-from cxrcae.infer.batches import collect_logits, load_for_inference
+from cxrcae.hub.resolve import LoadedModel, in_hub_cache
+from cxrcae.infer.batches import answering_model, collect_outputs
 from cxrcae.metrics import expected_calibration_error, softmax
 from cxrcae.models.checkpoint import CONFIG_NAME, read_config
 from cxrcae.progress import ProgressFn, no_progress
@@ -42,10 +42,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T in [0.05, 20] minimising validation NLL (convex in log T: a bounded 1-D search)."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    if logits.ndim != 2 or len(labels) != len(logits):
-        raise CxrcaeError(f"expected (n, classes) logits and n labels, got {logits.shape} and {len(labels)}")
     if len(labels) < 2:
         raise CxrcaeError("temperature scaling needs at least 2 labelled validation images")
+    if logits.ndim != 2 or len(labels) != len(logits):
+        raise CxrcaeError(f"expected (n, classes) logits and n labels, got {logits.shape} and {len(labels)}")
     fit = minimize_scalar(
         lambda log_t: nll(logits, labels, np.exp(log_t)),
         bounds=(np.log(MIN_T), np.log(MAX_T)),
@@ -75,9 +75,7 @@ def store_temperature(model_dir: str | Path, temperature: float, info: dict[str,
 
 
 def fit_and_store(
-    net: Any,
-    config: dict[str, Any],
-    folder: Path | None,
+    loaded: LoadedModel,
     records: Sequence[Any],
     data: str | Path,
     device: Any,
@@ -87,7 +85,12 @@ def fit_and_store(
     num_workers: int = 0,
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
-    """Fit T on the ``val`` rows of ``records``, store it in config.json of ``folder``, return the fit."""
+    """Fit T on the ``val`` rows of ``records``, store it in the model folder's config.json, return the fit.
+
+    Temperature scaling divides a classifier's logits: a model whose task has no ``calibrate`` option is
+    refused in one line."""
+    loaded.task.require_option("calibrate", "temperature scaling (calibrate)")
+    folder, config = loaded.folder, loaded.config
     if folder is None or in_hub_cache(folder):
         raise CheckpointError(
             "calibration stores the temperature in config.json, which needs a local checkpoint folder; "
@@ -100,8 +103,8 @@ def fit_and_store(
             f"{data}: calibration needs a splits CSV with 'val' rows (make one with `cxrcae split`)"
         )
     val, _ = check_labels(val, names, data)
-    logits, ok, errors = collect_logits(
-        net,
+    logits, ok, errors = collect_outputs(
+        loaded.net,
         config,
         [str(r.path) for r in val],
         device,
@@ -111,8 +114,7 @@ def fit_and_store(
         progress=progress,
         task="calibrate val",
     )
-    index = {n: i for i, n in enumerate(names)}
-    y = np.array([index[val[i].label] for i in ok])
+    y = loaded.task.targets([val[i] for i in ok], config)
     t = fit_temperature(logits, y)
     info = {
         "split": "val",
@@ -141,13 +143,11 @@ def calibrate(
     """Fit a temperature on the val split of a splits CSV and store it in ``model_dir``'s config.json."""
 
     dev = resolve_device(device)
-    folder = resolve_checkpoint(model_dir)
-    net, config = load_for_inference(folder, dev, kind="classifier")
+    loaded = answering_model(model_dir, dev)
+    loaded.task.require_option("calibrate", "calibrate")
     records = load_records(data, labeled=True)
     return fit_and_store(
-        net,
-        config,
-        folder,
+        loaded,
         records,
         data,
         dev,

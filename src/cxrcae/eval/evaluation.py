@@ -1,11 +1,15 @@
-"""Evaluate a fine-tuned classifier on a labelled split: metrics with 95% CIs, calibration, subgroups.
+"""Evaluate a fine-tuned model on labelled data: its task's metrics with 95% CIs, subgroups, figures, report.
 
-``evaluate(model, data, split="test")`` runs the model over the split (streamed, a bad file is an error row
-excluded from the metrics), computes the paper's metrics per class and macro/weighted with patient-level
-bootstrap intervals, the expected calibration error, and per-subgroup metrics for each ``by`` spec
-(``cxrcae.eval.subgroups``; by default per ``source``, because shortcut learning across sources is the
-known failure of COVID X-ray models). It writes ``metrics.json``, ``predictions.csv``, PNG figures and
-``report.html`` into ``MODEL_DIR/eval-<split>`` (or ``out_dir``).
+``evaluate(model, data, split="test")`` resolves the model once (``cxrcae.hub.resolve``), runs it over the
+split (streamed, a bad file is an error row excluded from the metrics) and hands everything task-specific to
+the model's task (``cxrcae.tasks``): which records can be scored and what their answers are (``targets``),
+the metrics with patient-level bootstrap intervals (``score_outputs``), the table and headline figures, the
+rows of predictions.csv and any files of its own. What is the same for every task stays here: per-subgroup
+metrics for each ``by`` spec (``cxrcae.eval.subgroups``; by default per ``source``, because shortcut learning
+across sources is the known failure of X-ray models), the check against the model's own test split, the
+figures that metrics of the right shape allow (confusion matrices, ROC curves, reliability diagram: a
+classifier's) and ``report.html``. It writes ``metrics.json``, ``predictions.csv``, those figures and the
+report into ``MODEL_DIR/eval-<split>`` (or ``out_dir``).
 
 Data without a split column (a manifest, a class folder) is evaluated whole as an **external** set and every
 output says so (``"set": "external"``). When the model folder lists its own held-out images
@@ -13,8 +17,9 @@ output says so (``"set": "external"``). When the model folder lists its own held
 so an "external" evaluation that is really run on the model's training images is called out, and
 ``--by in_model_test_split`` separates the two.
 
-With ``calibrate=True`` a temperature is first fitted on the ``val`` split and stored in the model's
-config.json; the test metrics then use it, and the uncalibrated ECE is reported alongside.
+With ``calibrate=True`` (classify: temperature scaling) a temperature is first fitted on the ``val`` split and
+stored in the model's config.json; the test metrics then use it, and the uncalibrated ECE is reported
+alongside.
 """
 
 from __future__ import annotations
@@ -33,15 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from cxrcae._atomic import atomic_open, atomic_write_text
 from cxrcae.data import dataset_fingerprint, load_records
-from cxrcae.data.records import Record, check_labels, select_records
-from cxrcae.errors import DataError
+from cxrcae.data.records import Record, select_records
+from cxrcae.errors import CxrcaeError, DataError
 from cxrcae.eval import report
 from cxrcae.eval.calibration import fit_and_store
-from cxrcae.eval.report import fmt_ci, write_html
+from cxrcae.eval.report import write_html
 from cxrcae.eval.subgroups import (
     FEW_CLASS_N,
     SMALL_GROUP_N,
@@ -51,14 +55,14 @@ from cxrcae.eval.subgroups import (
     subgroup_metrics,
     subgroup_table,
 )
-from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
-from cxrcae.infer.batches import collect_logits, load_for_inference
+from cxrcae.hub.resolve import in_hub_cache
+from cxrcae.infer.batches import answering_model, collect_outputs
 from cxrcae.io import hash_files
 from cxrcae.locking import hold
-from cxrcae.metrics import expected_calibration_error, full_report, softmax
-from cxrcae.models.checkpoint import model_temperature
+from cxrcae.metrics import fmt_ci
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
+from cxrcae.tasks import Task
 
 
 @dataclass
@@ -70,28 +74,36 @@ class EvaluationResult:
     out_dir: Path | None
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    task: Task | None = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.metrics["class_names"])
+        return list(self.metrics.get("class_names") or [])
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        """(columns, rows): per class, then macro and weighted, each value with its 95% CI."""
-        return metrics_table(self.metrics)
+        """(columns, rows) of the task's metric table (a classifier's: per class, then macro and weighted,
+        each value with its 95% CI)."""
+        return self._task().metric_rows(self.metrics)
+
+    def summary(self) -> list[tuple[str, str]]:
+        """The task's headline figures: (name, text) pairs."""
+        return self._task().summary(self.metrics)
 
     def subgroup_tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """(title, columns, rows) per ``by`` breakdown, in the order asked."""
-        return subgroup_tables(self.metrics)
+        return subgroup_tables(self.metrics, self.task)
+
+    def _task(self) -> Task:
+        if self.task is None:
+            raise CxrcaeError("this EvaluationResult was made without its task")
+        return self.task
 
     def __repr__(self) -> str:
         m = self.metrics
-        return (
-            f"EvaluationResult(set={m['set']!r}, n={m['n']}, accuracy={m['accuracy']:.4f}, "
-            f"macro_f1={m['macro']['f1']:.4f}, out_dir={str(self.out_dir)!r})"
-        )
+        head = "".join(f", {k}={v}" for k, v in self.summary()[:2])
+        return f"EvaluationResult(set={m['set']!r}, n={m['n']}{head}, out_dir={str(self.out_dir)!r})"
 
 
-METRIC_COLUMNS = ("precision", "recall", "specificity", "f1", "auc")
 EXTERNAL = "external"
 """The ``set`` of data without a split column: evaluated whole, not a held-out split of a training run."""
 MODEL_TEST_SPLIT = "test_split.csv"
@@ -100,33 +112,15 @@ IN_MODEL_TEST = "in_model_test_split"
 """Derived column (yes/no) on an external set when the model lists its test images: usable with ``by``."""
 
 
-def metrics_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the per-class, macro and weighted table, each value with its interval."""
-    ci = metrics.get("ci") or {}
-    columns = ["class", "n", "precision", "recall (sens.)", "specificity", "F1", "ROC AUC"]
-    rows = []
-    for name, values in metrics["per_class"].items():
-        cis = (ci.get("per_class") or {}).get(name, {})
-        rows.append([name, str(values["support"]), *(fmt_ci(values[m], cis.get(m)) for m in METRIC_COLUMNS)])
-    for kind in ("macro", "weighted"):
-        cis = ci.get(kind, {})
-        rows.append(
-            [
-                f"{kind} avg",
-                str(metrics["n"]),
-                *(fmt_ci(metrics[kind][m], cis.get(m)) for m in METRIC_COLUMNS),
-            ]
-        )
-    return columns, rows
-
-
-def subgroup_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """One (title, columns, rows) table per ``--by`` breakdown in ``metrics``."""
-    names = metrics["class_names"]
+def subgroup_tables(metrics: dict, task: Task | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One (title, columns, rows) table per ``--by`` breakdown in ``metrics`` (a task's own metrics are shown
+    through its ``metric_rows``)."""
+    names = metrics.get("class_names") or []
+    rows_of = task.metric_rows if task is not None else None
     tables = []
     for spec, breakdown in (metrics.get("subgroups") or {}).items():
         title = f"By {spec}" + (" (shortcut check)" if spec == "source" else "")
-        tables.append((title, *subgroup_table(breakdown, names, spec)))
+        tables.append((title, *subgroup_table(breakdown, names, spec, rows_of)))
     return tables
 
 
@@ -164,31 +158,38 @@ def evaluate(
     precision: str = "fp32",
     n_bootstrap: int = 1000,
     seed: int = 0,
-    n_bins: int = 15,
+    n_bins: int | None = None,
     calibrate: bool = False,
     by: Sequence[str] | None = None,
     html: bool = True,
     write: bool = True,
     progress: ProgressFn = no_progress,
 ) -> EvaluationResult:
-    """Evaluate a classifier checkpoint (folder, Hub id or ``load_model`` object) on ``data``.
+    """Evaluate a checkpoint (folder, Hub id, ``load_model`` object or ``LoadedModel``) on ``data``.
 
     ``data`` is a splits CSV (its ``split`` rows are used), or a class folder / manifest (all rows, as an
     external set; the result says so). ``n_bootstrap`` resamples (patients when the data has patient ids)
     give 95% CIs; 0 turns them off. ``by`` lists subgroup specs (``"source"``, ``"view"``, ``"age:10"``,
     ``"source+view"``; see ``cxrcae.eval.subgroups``); None means per source when the data has sources, an
-    empty list no breakdown. ``write=False`` computes without touching the disk.
+    empty list no breakdown. ``n_bins`` (calibration bins) and ``calibrate`` are a classifier's (refused in
+    one line for a task without them; None: the task's default). ``write=False`` computes without touching
+    the disk.
     """
 
     dev = resolve_device(device)
-    folder = _local_folder(model_ref)
-    net, config = load_for_inference(folder or model_ref, dev, kind="classifier")
+    loaded = answering_model(model_ref, dev)  # resolved once: everything below uses this one object
+    task, config, folder = loaded.task, loaded.config, loaded.folder
+    options: dict[str, Any] = {}
+    if n_bins is not None:
+        task.require_option("bins", "--bins")
+        options["bins"] = int(n_bins)
+    if calibrate:
+        task.require_option("calibrate", "--calibrate")
     dtype = resolve_precision(precision, dev)
-    names = list(config["class_names"])
-    records = load_records(data, labeled=True)
+    records = load_records(data, labeled=task.uses_label_column)
     chosen, used_split, notes = select_records(records, split, data)
-    chosen, label_notes = check_labels(chosen, names, data)
-    notes += label_notes
+    chosen, task_notes = task.evaluation_records(chosen, config, data)
+    notes += task_notes
     set_name = used_split or EXTERNAL
     derived: dict[str, list[str | None]] = {}
     model_test = None
@@ -203,9 +204,7 @@ def evaluate(
     calibration_info = None
     if calibrate:
         calibration_info = fit_and_store(
-            net,
-            config,
-            folder,
+            loaded,
             records,
             data,
             dev,
@@ -215,11 +214,10 @@ def evaluate(
             progress=progress,
         )
         config["temperature"] = calibration_info["temperature"]
-    temperature = model_temperature(config)
 
     paths = [str(r.path) for r in chosen]
-    logits, ok, errors = collect_logits(
-        net,
+    outputs, ok, errors = collect_outputs(
+        loaded.net,
         config,
         paths,
         dev,
@@ -233,29 +231,22 @@ def evaluate(
         notes.append(f"{len(errors)} file(s) could not be read and are excluded from the metrics")
     if not ok:
         raise DataError(f"{data}: none of the {len(paths)} images could be read")
-    index = {n: i for i, n in enumerate(names)}
     kept = [chosen[i] for i in ok]
-    y = np.array([index[r.label] for r in kept])
-    probs = softmax(logits, temperature)
+    targets = task.targets(kept, config)
+    probs = task.probabilities(outputs, config)
     groups = [r.patient_id for r in kept]
 
-    metrics = full_report(y, probs, names, groups=groups, n_resamples=n_bootstrap, seed=seed, n_bins=n_bins)
-    metrics["calibration"]["temperature"] = temperature
-    if temperature != 1.0:
-        metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(y, softmax(logits), n_bins)
+    metrics = task.score_outputs(outputs, targets, groups, config, n_boot=n_bootstrap, seed=seed, **options)
+    metrics.setdefault("n", len(kept))  # images scored: every metrics.json says it, whatever the task
     if calibration_info:
         metrics["calibration"]["fit"] = calibration_info
+
+    def score(y: np.ndarray, p: np.ndarray, units: list[str | None] | None) -> dict[str, Any]:
+        return task.score(p, y, units, config, n_boot=n_bootstrap, seed=seed, **options)
+
     metrics["subgroups"] = {
         b.spec: subgroup_metrics(
-            [labels[b.spec][i] for i in ok],
-            y,
-            probs,
-            names,
-            by=b,
-            groups=groups,
-            n_resamples=n_bootstrap,
-            seed=seed,
-            n_bins=n_bins,
+            [labels[b.spec][i] for i in ok], targets, probs, by=b, groups=groups, score=score
         )
         for b in breakdowns
     }
@@ -282,21 +273,16 @@ def evaluate(
     )
     columns = {spec: [name for _, name in values] for spec, values in labels.items() if spec != "source"}
     columns.update({c: v for c, v in derived.items() if c not in columns})
-    rows = _prediction_rows(chosen, ok, errors, probs, names, set_name, columns)
+    rows = _prediction_rows(task, config, chosen, ok, errors, probs, set_name, columns)
     out = None
     files: dict[str, Path] = {}
     if write:
         out = Path(out_dir).expanduser() if out_dir else _default_out(folder, set_name)
         with nullcontext() if out_dir else hold(out, folder=True):  # a given out_dir: held by _one_writer
-            files = _write_outputs(out, metrics, rows, y, probs, names, html)
-    return EvaluationResult(metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes)
-
-
-def _local_folder(model_ref: Any) -> Path | None:
-
-    if isinstance(model_ref, nn.Module):
-        return None
-    return resolve_checkpoint(model_ref)
+            files = _write_outputs(out, task, config, metrics, rows, kept, targets, probs, html)
+    return EvaluationResult(
+        metrics=_clean(metrics), predictions=rows, out_dir=out, files=files, notes=notes, task=task
+    )
 
 
 def _default_out(folder: Path | None, set_name: str) -> Path:
@@ -357,31 +343,33 @@ def _model_test_overlap(
     return {"file": str(listed), "images": len(values), "in_test_split": inside, "values": values}
 
 
-def _prediction_rows(chosen, ok, errors, probs, names, set_name, columns) -> list[dict[str, Any]]:
-    """One row per image (unreadable ones too): ``set``, then each subgroup column the ``by`` specs made."""
+def _prediction_rows(
+    task: Task,
+    config: dict[str, Any],
+    chosen: Sequence[Record],
+    ok: Sequence[int],
+    errors: Sequence[tuple[int, str, str]],
+    probs: np.ndarray,
+    set_name: str,
+    columns: dict[str, list[str | None]],
+) -> list[dict[str, Any]]:
+    """One row per image (unreadable ones too): ``set``, each subgroup column the ``by`` specs made, and the
+    task's cells (``Task.evaluation_row``)."""
     by_index = {i: row for row, i in enumerate(ok)}
     reasons = {i: reason for i, _, reason in errors}
     rows = []
     for i, r in enumerate(chosen):
+        answered = i in by_index
         row: dict[str, Any] = {
             "path": str(r.path),
-            "label": r.label,
             "patient_id": r.patient_id or "",
             "source": r.source or "",
             "set": set_name,
             **{c: values[i] or "" for c, values in columns.items()},
+            "status": "ok" if answered else "error",
+            "reason": "" if answered else reasons.get(i, ""),
         }
-        if i in by_index:
-            p = probs[by_index[i]]
-            pred = names[int(p.argmax())]
-            row.update(
-                status="ok", predicted=pred, correct=pred == r.label, confidence=float(p.max()), reason=""
-            )
-            row.update({f"prob_{n}": float(p[c]) for c, n in enumerate(names)})
-        else:
-            row.update(status="error", predicted="", correct="", confidence="", reason=reasons.get(i, ""))
-            row.update({f"prob_{n}": "" for n in names})
-        rows.append(row)
+        rows.append(task.evaluation_row(row, r, probs[by_index[i]] if answered else None, config))
     return rows
 
 
@@ -406,55 +394,74 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _write_outputs(out: Path, metrics, rows, y, probs, names, html: bool) -> dict[str, Path]:
-
+def _write_outputs(
+    out: Path,
+    task: Task,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    kept: Sequence[Record],
+    targets: np.ndarray,
+    probs: np.ndarray,
+    html: bool,
+) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     clean = _clean(metrics)
     files = {
         "metrics": out / "metrics.json",
         "predictions": _write_csv(out / "predictions.csv", rows),
-        "confusion_matrix": report.plot_confusion(
-            metrics["confusion_matrix"], names, out / "confusion_matrix.png"
-        ),
-        "confusion_matrix_normalized": report.plot_confusion(
-            metrics["confusion_matrix"], names, out / "confusion_matrix_normalized.png", normalize=True
-        ),
+        **_figures(out, metrics, targets, probs),
     }
-    ci = metrics.get("ci", {}).get("per_class", {})
-    aucs = {n: report.fmt_ci(metrics["per_class"][n]["auc"], ci.get(n, {}).get("auc")) for n in names}
-    files["roc_curves"] = report.plot_roc(y, probs, names, aucs, out / "roc_curves.png")
-    cal = metrics["calibration"]
-    extra = f", T={cal['temperature']:.2f}" if cal.get("temperature", 1.0) != 1.0 else ""
-    files["reliability_diagram"] = report.plot_reliability(
-        cal["bins"], cal["ece"], out / "reliability_diagram.png", extra
-    )
+    paths = [str(r.path) for r in kept]
+    files.update(task.evaluation_files(out, paths, probs, targets, clean, config))
     atomic_write_text(files["metrics"], json.dumps(clean, indent=2, allow_nan=False) + "\n")
     if html:
         files["report"] = _write_html(
-            out / "report.html", clean, [p for k, p in files.items() if p.suffix == ".png"]
+            out / "report.html", task, clean, [p for k, p in files.items() if p.suffix == ".png"]
         )
     return files
 
 
-def _write_html(path: Path, metrics: dict, images: list[Path]) -> Path:
+def _figures(out: Path, metrics: dict[str, Any], targets: np.ndarray, probs: np.ndarray) -> dict[str, Path]:
+    """The figures metrics of a classifier's shape allow: confusion matrices (counts and row-normalised),
+    one-vs-rest ROC curves and the reliability diagram; none for metrics of another shape."""
+    names = metrics.get("class_names")
+    files: dict[str, Path] = {}
+    if names and "confusion_matrix" in metrics:
+        cm = metrics["confusion_matrix"]
+        files["confusion_matrix"] = report.plot_confusion(cm, names, out / "confusion_matrix.png")
+        files["confusion_matrix_normalized"] = report.plot_confusion(
+            cm, names, out / "confusion_matrix_normalized.png", normalize=True
+        )
+    per_class = metrics.get("per_class") or {}
+    if names and targets.ndim == 1 and probs.ndim == 2 and all("auc" in per_class.get(n, {}) for n in names):
+        ci = metrics.get("ci", {}).get("per_class", {})
+        aucs = {n: fmt_ci(per_class[n]["auc"], ci.get(n, {}).get("auc")) for n in names}
+        files["roc_curves"] = report.plot_roc(targets, probs, names, aucs, out / "roc_curves.png")
+    cal = metrics.get("calibration") or {}
+    if "bins" in cal and "ece" in cal:
+        extra = f", T={cal['temperature']:.2f}" if cal.get("temperature", 1.0) != 1.0 else ""
+        files["reliability_diagram"] = report.plot_reliability(
+            cal["bins"], cal["ece"], out / "reliability_diagram.png", extra
+        )
+    return files
 
+
+def _write_html(path: Path, task: Task, metrics: dict, images: list[Path]) -> Path:
     ci = metrics.get("ci") or {}
-    cal = metrics["calibration"]
     summary = [
         ("model", metrics["model"]),
         ("data", f"{metrics['data']} ({describe_set(metrics)})"),
         ("set", _set_text(metrics)),
         ("images", f"{metrics['n']} evaluated, {metrics['n_errors']} unreadable"),
-        ("accuracy", fmt_ci(metrics["accuracy"], ci.get("accuracy"))),
-        ("ECE", fmt_ci(cal["ece"], ci.get("ece"))),
-        ("temperature", f"{cal.get('temperature', 1.0):.3f}"),
+        *task.summary(metrics),
         (
             "bootstrap",
             f"{ci.get('n_resamples', 0)} resamples of {ci.get('unit', '-')}s (seed {ci.get('seed', '-')})",
         ),
     ]
-    tables = [("Metrics (95% CI)", *metrics_table(metrics))]
-    tables += subgroup_tables(metrics)
+    tables = [("Metrics (95% CI)", *task.metric_rows(metrics))]
+    tables += subgroup_tables(metrics, task)
     notes = list(metrics["notes"])
     if any(g.get("small") for b in (metrics.get("subgroups") or {}).values() for g in b["groups"].values()):
         notes.append(

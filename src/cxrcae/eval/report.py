@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,16 +112,6 @@ def plot_reliability(bins: dict, ece: float, path: Path, title_extra: str = "") 
     hist.set_xlabel("confidence (top-class probability)")
     hist.set_ylabel("images")
     return _save(fig, path)
-
-
-def fmt_ci(value: Any, ci: Sequence[float] | None = None, digits: int = 3) -> str:
-    """``0.912 (0.887-0.934)``; "n/a" for undefined values."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    text = f"{value:.{digits}f}"
-    if ci and all(v is not None and not math.isnan(v) for v in ci):
-        text += f" ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
-    return text
 
 
 MARKED_COLUMN = "marked"

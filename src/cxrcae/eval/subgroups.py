@@ -8,16 +8,17 @@ A breakdown is named by a spec, ``--by`` on the command line:
   (``<18``, ``18-64``, ``>=65``);
 - ``source+view``: the crossing of several terms (``radiography-db / PA``).
 
-Each subgroup gets the full metric set of ``cxrcae.metrics.full_report``, with patient-grouped bootstrap
-intervals resampled within the subgroup, so the intervals honestly widen where a subgroup is small. Small
-subgroups (fewer than ``SMALL_GROUP_N`` images, or a class with fewer than ``FEW_CLASS_N`` images) are kept
-and flagged, never hidden: an absent row reads as "fine" while a flagged one reads as "unknown".
+Each subgroup gets the full metric set of its model's task (``Task.score``; for a classifier
+``cxrcae.metrics.full_report``), with patient-grouped bootstrap intervals resampled within the subgroup, so
+the intervals honestly widen where a subgroup is small. Small subgroups (fewer than ``SMALL_GROUP_N``
+images, or, where the scores are per class, a class with fewer than ``FEW_CLASS_N`` images) are kept and
+flagged, never hidden: an absent row reads as "fine" while a flagged one reads as "unknown".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,8 @@ import numpy as np
 from cxrcae._parse import comma_list
 from cxrcae.data.records import Record, record_columns
 from cxrcae.errors import CxrcaeError, DataError, OptionError
-from cxrcae.eval.report import MARKED_COLUMN, fmt_ci
-from cxrcae.metrics import full_report
+from cxrcae.eval.report import MARKED_COLUMN
+from cxrcae.metrics import fmt_ci, full_report
 
 SMALL_GROUP_N = 30
 """A subgroup with fewer images is flagged: its intervals are wide and its point values unstable."""
@@ -35,6 +36,8 @@ FEW_CLASS_N = 5
 """A class with fewer images than this (but some) in a subgroup is flagged: its recall rests on a handful."""
 MISSING = "(none)"
 _SEP = " / "
+Score = Callable[[np.ndarray, np.ndarray, "list[str | None] | None"], dict[str, Any]]
+"""(targets, probabilities, patient ids or None) of one subgroup -> its metrics (``Task.score``)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def subgroup_metrics(
     labels: Sequence[tuple[tuple, str]],
     y: np.ndarray,
     probs: np.ndarray,
-    class_names: Sequence[str],
+    class_names: Sequence[str] = (),
     *,
     by: GroupBy,
     groups: Sequence[str | None] | None = None,
@@ -190,49 +193,72 @@ def subgroup_metrics(
     n_bins: int = 15,
     min_n: int = SMALL_GROUP_N,
     min_class_n: int = FEW_CLASS_N,
+    score: Score | None = None,
 ) -> dict[str, Any]:
     """One breakdown: ``{"by": [columns], "min_n", "min_class_n", "groups": {name: report}}``.
 
     ``labels`` are ``subgroup_labels`` of the evaluated images (aligned with ``y``/``probs``/``groups``).
-    Each report is ``full_report`` of that subgroup (bootstrap over its own patients) without the
-    reliability bins, plus ``small`` (bool) and ``flags`` (why it is marked).
+    Each report is ``score`` of that subgroup (by default ``full_report`` over ``class_names``: bootstrap
+    over its own patients) without reliability bins or class names, plus ``small`` (bool) and ``flags``
+    (why it is marked).
     """
+    if score is None:
+
+        def score(targets: np.ndarray, p: np.ndarray, units: list[str | None] | None) -> dict[str, Any]:
+            return full_report(
+                targets, p, class_names, groups=units, n_resamples=n_resamples, seed=seed, n_bins=n_bins
+            )
+
     names = [name for _, name in labels]
     order = sorted({(key, name) for key, name in labels})
     out: dict[str, Any] = {}
     for _, name in order:
         idx = np.flatnonzero(np.array([n == name for n in names]))
-        report = full_report(
-            y[idx],
-            probs[idx],
-            class_names,
-            groups=None if groups is None else [groups[i] for i in idx],
-            n_resamples=n_resamples,
-            seed=seed,
-            n_bins=n_bins,
-        )
-        report["calibration"].pop("bins", None)
+        report = score(y[idx], probs[idx], None if groups is None else [groups[i] for i in idx])
+        report.setdefault("n", len(idx))
+        if isinstance(report.get("calibration"), dict):
+            report["calibration"].pop("bins", None)
         report.pop("class_names", None)
-        report["flags"] = _flags(report, class_names, min_n, min_class_n)
+        report["flags"] = _flags(report, min_n, min_class_n)
         report["small"] = bool(report["flags"])
         out[name] = report
     return {"by": by.columns, "min_n": min_n, "min_class_n": min_class_n, "groups": out}
 
 
-def _flags(report: dict, class_names: Sequence[str], min_n: int, min_class_n: int) -> list[str]:
+def _per_class(report: dict) -> dict[str, Any]:
+    """The per-class block of a report that has one with supports (classification), else empty."""
+    per_class = report.get("per_class")
+    if isinstance(per_class, dict) and all(
+        isinstance(v, dict) and "support" in v for v in per_class.values()
+    ):
+        return per_class
+    return {}
+
+
+def _flags(report: dict, min_n: int, min_class_n: int) -> list[str]:
     flags = []
     if report["n"] < min_n:
         flags.append(f"n={report['n']} < {min_n}")
-    for c in class_names:
-        support = report["per_class"][c]["support"]
+    for c, values in _per_class(report).items():
+        support = values["support"]
         if 0 < support < min_class_n:
             flags.append(f"{c}: {support} < {min_class_n}")
     return flags
 
 
-def subgroup_table(breakdown: dict, class_names: Sequence[str], title: str = "subgroup") -> tuple[list, list]:
+def subgroup_table(
+    breakdown: dict,
+    class_names: Sequence[str],
+    title: str = "subgroup",
+    metric_rows: Callable[[dict], tuple[list[str], list[list[str]]]] | None = None,
+) -> tuple[list, list]:
     """(columns, rows): per subgroup its n (and per class), accuracy, macro recall and AUC, per-class
-    recall, each with its 95% CI, and a ``marked`` column saying why a small subgroup is flagged."""
+    recall, each with its 95% CI, and a ``marked`` column saying why a small subgroup is flagged. Scores
+    that are not per class (another task's) get n and the summary row of their task's table
+    (``metric_rows``: its ``macro`` or ``mean`` row, else its last) instead."""
+    reports = list(breakdown["groups"].values())
+    if not all(_per_class(m) and "accuracy" in m and "macro" in m for m in reports):
+        return _task_table(breakdown, title, metric_rows)
     columns = [title, "n", *(f"n {c}" for c in class_names), "accuracy", "macro recall", "macro AUC"]
     columns += [f"recall {c}" for c in class_names] + [MARKED_COLUMN]
     rows = []
@@ -251,21 +277,35 @@ def subgroup_table(breakdown: dict, class_names: Sequence[str], title: str = "su
                     fmt_ci(m["per_class"][c]["recall"], (per_class_ci.get(c) or {}).get("recall"))
                     for c in class_names
                 ),
-                _marked(
-                    m,
-                    class_names,
-                    breakdown.get("min_n", SMALL_GROUP_N),
-                    breakdown.get("min_class_n", FEW_CLASS_N),
-                ),
+                _marked(m, breakdown.get("min_n", SMALL_GROUP_N), breakdown.get("min_class_n", FEW_CLASS_N)),
             ]
         )
     return columns, rows
 
 
-def _marked(report: dict, class_names: Sequence[str], min_n: int, min_class_n: int) -> str:
+_SUMMARY_ROWS = ("macro", "mean")
+
+
+def _task_table(
+    breakdown: dict, title: str, metric_rows: Callable[[dict], tuple[list[str], list[list[str]]]] | None
+) -> tuple[list, list]:
+    rows, headers = [], ["metrics"]
+    for name, m in breakdown["groups"].items():
+        marked = _marked(m, breakdown.get("min_n", SMALL_GROUP_N), breakdown.get("min_class_n", FEW_CLASS_N))
+        cells: list[str] = []
+        if metric_rows is not None:
+            headers, table = metric_rows(m)
+            chosen = next((r for r in table if str(r[0]) in _SUMMARY_ROWS), table[-1] if table else [])
+            cells = [str(c) for c in chosen[1:]]
+            headers = [f"{chosen[0]} {h}" if chosen else h for h in headers[1:]]
+        rows.append([name, str(m["n"]), *cells, marked])
+    return [title, "n", *(headers if metric_rows is not None else []), MARKED_COLUMN], rows
+
+
+def _marked(report: dict, min_n: int, min_class_n: int) -> str:
     """The flags in a table cell's few words: ``n<30; <5: COVID, NORMAL``."""
     parts = [f"n<{min_n}"] if report["n"] < min_n else []
-    few = [c for c in class_names if 0 < report["per_class"][c]["support"] < min_class_n]
+    few = [c for c, v in _per_class(report).items() if 0 < v["support"] < min_class_n]
     if few:
         parts.append(f"<{min_class_n}: {', '.join(few)}")
     return "; ".join(parts)

@@ -8,8 +8,11 @@ authors' Keras .h5 files into such folders (weights, config.json and card), read
 from __future__ import annotations
 
 from cxrcae.hub.resolve import (
+    LoadedModel,
+    as_loaded,
     download_checkpoint,
     encoder_state,
+    load,
     load_checkpoint,
     load_encoder,
     load_model,
@@ -20,12 +23,15 @@ from cxrcae.hub.transfer import PullResult, PushError, PushResult, pull, push_ch
 from cxrcae.models.encoder import PretrainedEncoder
 
 __all__ = [
+    "LoadedModel",
     "PretrainedEncoder",
     "PullResult",
     "PushError",
     "PushResult",
+    "as_loaded",
     "download_checkpoint",
     "encoder_state",
+    "load",
     "load_checkpoint",
     "load_encoder",
     "load_model",

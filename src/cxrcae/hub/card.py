@@ -1,9 +1,11 @@
 """Model cards (README.md) written from a checkpoint's config.json and, when evaluated, its metrics.json.
 
 Every number on the card is read from those files; a section whose facts are unknown is left out rather
-than filled with a placeholder. The front matter is huggingface_hub's own ``ModelCardData`` (library, tags,
-pipeline tag, metrics, and the overall / macro test metrics as ``EvalResult`` entries in ``model-index``),
-rendered through ``ModelCard`` so the Hub parses back exactly what was written.
+than filled with a placeholder. What the card says the model does (its summary sentence, the Hub pipeline
+tag, how to use it, what it is for) is its task's (``cxrcae.tasks``; a bare encoder has none). The front
+matter is huggingface_hub's own ``ModelCardData`` (library, tags, pipeline tag, metrics, and the overall /
+macro test metrics as ``EvalResult`` entries in ``model-index``), rendered through ``ModelCard`` so the Hub
+parses back exactly what was written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cxrcae.errors import CheckpointError
 from cxrcae.models.heads import HEADS
+from cxrcae.tasks import Task, task_of
 
 PAPER_TITLE = "Unsupervised Convolutional Filter Learning for COVID-19 Classification"
 PAPER_DOI = "10.18280/ria.350509"
@@ -53,22 +57,23 @@ def build_card(
 ) -> str:
     """README.md text for a checkpoint: YAML front matter + body, real numbers only."""
     kind = str(config.get("kind", "encoder"))
+    task = _task(config)
     rows = list(metric_rows(metrics)) if metrics else []
     parts = [
-        _title(config, kind),
+        _title(config, kind, task),
         _model_section(config, kind),
         _input_section(config, kind),
         _data_section(config),
         _training_section(config),
         _evaluation_section(metrics, rows) if metrics and rows else "",
-        _usage_section(kind, repo_id),
-        _intended_use(kind),
+        _usage_section(task, repo_id),
+        _intended_use(task),
         _limitations(config),
         _provenance(config),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```\n",
     ]
     body = "\n".join(p for p in parts if p)
-    data = _card_data(config, kind, metrics or {}, rows, repo_id)
+    data = _card_data(config, kind, task, metrics or {}, rows, repo_id)
     # rendered by huggingface_hub itself, so the front matter is exactly what the Hub parses back
     yaml_block = data.to_yaml(original_order=list(_FRONT_MATTER_ORDER))
     return str(ModelCard("---\n" + yaml_block + "\n---\n\n" + body))
@@ -76,28 +81,40 @@ def build_card(
 
 # ----------------------------------------------------------------------------------------------- front matter
 
+FEATURES_TAG = "image-feature-extraction"
+"""The Hub pipeline tag of a bare encoder (a task names its own: ``Task.pipeline_tag``)."""
 _TAGS = ("cxrcae", "chest-x-ray", "medical-imaging", "autoencoder", "covid-19", "pytorch", "safetensors")
 _FRONT_MATTER_ORDER = ("library_name", "license", "tags", "datasets", "pipeline_tag", "metrics")
 _HEADLINE_SCOPES = ("", "macro")  # overall and macro-averaged rows; per-class rows stay in the body only
 
 
+def _task(config: dict[str, Any]) -> Task | None:
+    """The checkpoint's task; None for a bare encoder (or a config no task accepts: the card still says
+    what it can)."""
+    try:
+        return task_of(config)
+    except CheckpointError:
+        return None
+
+
 def _card_data(
     config: dict[str, Any],
     kind: str,
+    task: Task | None,
     metrics: dict[str, Any],
     rows: list[dict[str, Any]],
     repo_id: str | None,
 ) -> ModelCardData:
     """The Hub metadata: library, license, tags, datasets, pipeline tag, metrics and headline eval results."""
     datasets = _hub_datasets(config)
-    task = "image-classification" if kind == "classifier" else "image-feature-extraction"
-    results = _eval_results(config, task, metrics, rows)
+    pipeline = task.pipeline_tag if task is not None else FEATURES_TAG
+    results = _eval_results(config, pipeline, metrics, rows)
     return ModelCardData(
         library_name="cxrcae",
         license=str(config["license"]) if config.get("license") else None,
         tags=list(_TAGS),
         datasets=datasets or None,
-        pipeline_tag=task,
+        pipeline_tag=pipeline,
         metrics=sorted({r["metric"] for r in rows}) or None,
         model_name=(repo_id.rsplit("/", 1)[-1] if repo_id else f"cxrcae-{kind}") if results else None,
         eval_results=results or None,
@@ -151,14 +168,15 @@ def _path_name(path: str) -> str:
 # ----------------------------------------------------------------------------------------------- body
 
 
-def _title(config: dict[str, Any], kind: str) -> str:
+def _title(config: dict[str, Any], kind: str, task: Task | None) -> str:
     what = {
         "autoencoder": "convolutional autoencoder pretrained on chest X-rays",
         "encoder": "chest X-ray encoder (the pretrained half of a convolutional autoencoder)",
         "classifier": "chest X-ray classifier on a pretrained convolutional-autoencoder encoder",
-    }.get(kind, f"{kind} model")
-    classes = config.get("class_names") or []
-    tail = f" Classes: {', '.join(map(str, classes))}." if kind == "classifier" and classes else ""
+    }.get(kind)
+    if what is None:
+        what = f"chest X-ray model ({task.description})" if task is not None else f"{kind} model"
+    tail = f" {task.card_summary(config)}" if task is not None and task.labelled else ""
     return (
         f"# cxrcae {kind}\n\nA {what}, made with [cxrcae](https://pypi.org/project/cxrcae/), an "
         f'implementation of "{PAPER_TITLE}" (Mahalingam & Pandraju, 2021, doi:{PAPER_DOI}).{tail}\n'
@@ -175,7 +193,7 @@ def _model_section(config: dict[str, Any], kind: str) -> str:
     if kind in parts:
         rows.append(("Layers", parts[kind]))
     head = config.get("head")
-    if kind == "classifier" and head:
+    if head:
         rows.append(("Head", f"`{head}`: {HEADS[head][0]}" if head in HEADS else f"`{head}`"))
     if config.get("class_names"):
         rows.append(("Classes (output order)", ", ".join(map(str, config["class_names"]))))
@@ -399,9 +417,9 @@ def _metric_entry(value: Any) -> dict[str, Any] | None:
     }
 
 
-def _usage_section(kind: str, repo_id: str | None) -> str:
+def _usage_section(task: Task | None, repo_id: str | None) -> str:
     ref = repo_id or "path/to/checkpoint"
-    if kind == "classifier":
+    if task is not None and task.labelled:  # a model that answers something about an image predicts
         code = (
             "import cxrcae\n"
             f'model = cxrcae.load_model("{ref}")  # strict; preprocessing from config.json\n'
@@ -427,10 +445,10 @@ def _usage_section(kind: str, repo_id: str | None) -> str:
     )
 
 
-def _intended_use(kind: str) -> str:
+def _intended_use(task: Task | None) -> str:
     purpose = (
-        "classifying frontal chest radiographs in research settings, and comparison with the paper"
-        if kind == "classifier"
+        f"{task.description} on frontal chest radiographs in research settings, and comparison with the paper"
+        if task is not None and task.labelled
         else "feature extraction and transfer learning for chest X-ray research tasks"
     )
     return f"## Intended use\n\nResearch use only: {purpose}.\n"

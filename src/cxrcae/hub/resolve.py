@@ -17,7 +17,7 @@ and timm models on top.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,39 +251,93 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "cpu") -> tupl
 
 @dataclass
 class LoadedModel:
-    """A checkpoint resolved once (folder or Hub id -> folder -> config, task, network), so the commands
-    and backends that use it never look it up again."""
+    """A model resolved once (folder or Hub id -> folder -> config, task, network), so the commands and
+    backends that use it never look it up again.
+
+    ``folder`` is None for an in-memory model (``load_model``); ``net`` is None when it was loaded without
+    weights because a backend session runs it instead (``session``: an onnxruntime runner, set by
+    ``cxrcae.infer``). ``guard`` is the out-of-distribution screen once predict or serve has built it.
+    """
 
     ref: str
-    folder: Path
+    folder: Path | None
     config: dict[str, Any]
     task: Task
-    net: nn.Module
+    net: nn.Module | None
+    session: Any = None
+    guard: Any = None
 
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
 
     @property
+    def resize_mode(self) -> str:
+        return str(self.config.get("resize_mode", "stretch"))
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.config.get("class_names") or [])
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.config.get("weights_sha256")
 
     def probabilities(self, outputs: torch.Tensor | Any) -> Any:
         """What users read from the network's raw outputs (``Task.probabilities``)."""
         return self.task.probabilities(outputs, self.config)
 
+    def with_weights(self, device: str | torch.device = "cpu") -> LoadedModel:
+        """This model with its network: itself when it has one, else its folder's weights loaded now."""
+        if self.net is not None:
+            return self
+        net, _ = load_checkpoint(self.folder, device)
+        net.cxrcae_config = self.config  # type: ignore[attr-defined]
+        return replace(self, net=net)
 
-def load(ref: str | Path, device: str | torch.device = "cpu", task: str | None = None) -> LoadedModel:
-    """Resolve and load ``ref`` once; with ``task``, refuse a checkpoint of another task in one line."""
+
+def load(
+    ref: str | Path,
+    device: str | torch.device = "cpu",
+    task: str | None = None,
+    *,
+    weights: bool = True,
+) -> LoadedModel:
+    """Resolve and load ``ref`` once; with ``task``, refuse a checkpoint of another task in one line.
+
+    ``weights=False`` reads and checks config.json only (``net`` is None), for a backend that runs the
+    model from another file (``cxrcae.infer.onnx``)."""
     folder = resolve_checkpoint(ref)
-    net, config = load_checkpoint(folder, device)
+    if weights:
+        net, config = load_checkpoint(folder, device)
+    else:
+        net, config = None, read_config(folder)
     name = task_name(config)
     if name is None:
         raise CheckpointError(f"{ref}: a bare encoder checkpoint has no task; fine-tune it first")
     if task is not None and name != task:
         raise CheckpointError(f"{ref}: a {name!r} model, but this needs a {task!r} model")
-    net.cxrcae_config = config  # type: ignore[attr-defined]
-    return LoadedModel(str(ref), folder, config, task_of(config), net)
+    if net is not None:
+        net.cxrcae_config = config  # type: ignore[attr-defined]
+    return LoadedModel(str(ref), folder, config, task_of(config, folder / CONFIG_NAME), net)
+
+
+def as_loaded(model: Any, device: str | torch.device = "cpu", *, weights: bool = True) -> LoadedModel:
+    """``model`` as a ``LoadedModel``: one already (returned as is), a network from ``load_model`` (its
+    ``cxrcae_config`` read, moved to ``device`` in eval mode), or a folder / Hub id (``load``)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        config = getattr(model, "cxrcae_config", None)
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                "a model object needs its config: load it with cxrcae.load_model(...) or pass the folder"
+            )
+        if task_name(config) is None:
+            raise CheckpointError("a bare encoder has no task; fine-tune it first")
+        net = model.to(device).eval() if weights else model  # without weights: a backend copies it
+        return LoadedModel("in-memory model", None, config, task_of(config), net)
+    return load(model, device, weights=weights)
 
 
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> nn.Module:

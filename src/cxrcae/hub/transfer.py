@@ -45,9 +45,11 @@ from cxrcae.hub.resolve import (
 from cxrcae.models.cae import CAEEncoder
 from cxrcae.models.checkpoint import GUARD_NAME, load_state_strict, read_guard, save_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
+from cxrcae.tasks import task_name, task_of
 
 # Config keys that describe a whole autoencoder/classifier, not the encoder taken out of it.
 _NOT_ENCODER_KEYS = (
+    "task",
     "kind",
     "head",
     "class_names",
@@ -86,6 +88,9 @@ class PullResult:
     kind: str
     files: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    """The checkpoint's task (None for a bare encoder); ``summary`` is what its card says it does."""
+    summary: str = ""
 
 
 @contextmanager
@@ -112,6 +117,7 @@ def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -
     commit = download_commit(folder)
     files = [name for name in HUB_FILES if (folder / name).is_file()]
     _, config = load_checkpoint(folder)  # strict, bounded, before anything is copied out of the cache
+    task = task_of(config) if task_name(config) is not None else None
     if out is not None:
         dest = Path(out).expanduser()
         if dest.exists() and not dest.is_dir():
@@ -129,6 +135,8 @@ def pull(ref: str, out: str | Path | None = None, *, token: str | None = None) -
         kind=str(config.get("kind")),
         files=files,
         config=config,
+        task=task.name if task is not None else None,
+        summary=task.card_summary(config) if task is not None else "a bare encoder (features only)",
     )
 
 
@@ -152,7 +160,11 @@ def encoder_only_config(config: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in _NOT_ENCODER_KEYS}
     out["kind"] = "encoder"
     if config.get("kind") != "encoder":
-        out["extracted_from"] = {"kind": config.get("kind"), "weights_sha256": config.get("weights_sha256")}
+        out["extracted_from"] = {
+            "kind": config.get("kind"),
+            **({"task": config["task"]} if config.get("task") else {}),
+            "weights_sha256": config.get("weights_sha256"),
+        }
     return out
 
 

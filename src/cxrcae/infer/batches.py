@@ -1,5 +1,5 @@
 """What inference shares beyond decoding: a checkpoint loaded for one kind of use, output file names, and the
-logits of a list of files.
+raw outputs of a list of files.
 
 Decoding itself (``iter_batches``, where a bad file is a row) lives in ``cxrcae.data.stream``.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError
-from cxrcae.hub.resolve import load_checkpoint
+from cxrcae.hub.resolve import LoadedModel, as_loaded, load_checkpoint
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import autocast
 
@@ -47,7 +47,21 @@ def load_for_inference(model: Any, device: torch.device, kind: str = "classifier
     return net, config
 
 
+def answering_model(model: Any, device: Any = "cpu", *, weights: bool = True) -> LoadedModel:
+    """``model`` (folder, Hub id, ``load_model`` object or ``LoadedModel``) resolved once, refused in one line
+    unless its task answers something about an image (predict, evaluate: a task trained on labels)."""
+    loaded = as_loaded(model, device, weights=weights)
+    if not loaded.task.labelled:
+        raise CheckpointError(
+            f"{_name(model)} is a {loaded.task.name!r} model ({loaded.task.description}), which answers "
+            "nothing about an image; this needs a model fine-tuned on labels (cxrcae finetune)"
+        )
+    return loaded
+
+
 def _name(model: Any) -> str:
+    if isinstance(model, LoadedModel):
+        return model.ref
     return str(model) if isinstance(model, (str, Path)) else "the model"
 
 
@@ -69,7 +83,7 @@ class UniqueNames:
         return self.folder / name
 
 
-def collect_logits(
+def collect_outputs(
     net: Any,
     config: dict,
     paths: Sequence[str],
@@ -81,7 +95,8 @@ def collect_logits(
     progress: ProgressFn = no_progress,
     task: str = "inference",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
-    """Logits (n_ok, K) of the readable files, their indices in ``paths``, (index, path, reason) errors."""
+    """Raw outputs (n_ok, ...) of the readable files (logits for a classifier), their indices in ``paths``,
+    and the (index, path, reason) of the others."""
 
     chunks, ok, errors = [], [], []
     size, mode = int(config["image_size"]), config.get("resize_mode", "stretch")
@@ -95,5 +110,4 @@ def collect_logits(
             ok += batch.indices
         done += len(batch)
         progress(task, done, len(paths))
-    k = len(config["class_names"])
-    return (np.concatenate(chunks) if chunks else np.zeros((0, k))), ok, errors
+    return (np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.float32)), ok, errors

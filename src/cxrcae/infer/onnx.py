@@ -11,6 +11,10 @@ weights sha256, class names, image size, resize mode, preprocessing and temperat
 Probabilities are not in the graph: they stay ``softmax(logits / T)`` with the temperature of the
 checkpoint's config.json, so calibrating a checkpoint after the export needs no new export.
 
+Every entry point takes the model resolved once (a ``LoadedModel``, or anything ``as_loaded`` turns into
+one: folder, Hub id, ``load_model`` object; the bundled classifier when None) and refuses, in one line, a
+model whose task has no ``onnx`` option: the graph, its metadata and the probabilities are a classifier's.
+
 onnx and onnxruntime are optional (``pip install "cxrcae[onnx]"``): this module imports without them and
 says what to install when they are needed.
 """
@@ -37,10 +41,10 @@ from cxrcae import __version__, bundled
 from cxrcae._atomic import atomic_write_bytes
 from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError
-from cxrcae.hub.resolve import in_hub_cache, resolve_checkpoint
-from cxrcae.infer.batches import load_for_inference
+from cxrcae.hub.resolve import LoadedModel, in_hub_cache
+from cxrcae.infer.batches import answering_model
 from cxrcae.io import find_images
-from cxrcae.models.checkpoint import DEFAULT_PREPROCESSING, WEIGHTS_NAME, model_temperature, read_config
+from cxrcae.models.checkpoint import DEFAULT_PREPROCESSING, WEIGHTS_NAME, model_temperature
 from cxrcae.progress import ProgressFn, no_progress
 
 try:  # optional: the [onnx] extra
@@ -176,18 +180,24 @@ def _model_ref(model: Any) -> Any:
     )
 
 
-def resolve_classifier(model: Any) -> tuple[Any, Path | None]:
-    """(reference, checkpoint folder or None for an in-memory model); None means the bundled classifier."""
-    ref = _model_ref(model)
-    return ref, (None if isinstance(ref, nn.Module) else resolve_checkpoint(ref))
+def onnx_model(model: Any, *, weights: bool = True) -> LoadedModel:
+    """``model`` resolved once (the bundled classifier when None; weights on the CPU unless ``weights`` is
+    False), refused in one line unless its task has ONNX export (``onnx``)."""
+    loaded = answering_model(_model_ref(model), "cpu", weights=weights)
+    loaded.task.require_option("onnx", "ONNX export")
+    return loaded
 
 
-def fp32_classifier(ref: Any, folder: Path | None) -> tuple[nn.Module, dict[str, Any], str]:
-    """(fp32 model on the CPU in eval mode, config, weights sha256) of what ``resolve_classifier`` gave."""
-    # an in-memory model is copied: exporting must not move it to the CPU or change its dtype or mode
-    source = copy.deepcopy(ref) if folder is None else folder
-    net, config = load_for_inference(source, torch.device("cpu"), kind="classifier")
-    return net.float().eval(), config, weights_sha256(folder, config)
+def fp32_classifier(loaded: LoadedModel) -> tuple[nn.Module, dict[str, Any], str]:
+    """(fp32 network on the CPU in eval mode, config, weights sha256) of ``loaded``; an in-memory network
+    or one on another device is copied: exporting must not move it or change its dtype or mode."""
+    if loaded.net is None:
+        net = loaded.with_weights("cpu").net
+    elif loaded.folder is None or next(loaded.net.parameters()).device.type != "cpu":
+        net = copy.deepcopy(loaded.net).cpu()
+    else:
+        net = loaded.net
+    return net.float().eval(), loaded.config, weights_sha256(loaded.folder, loaded.config)
 
 
 def _default_output(folder: Path | None, ref: Any) -> Path:
@@ -305,7 +315,8 @@ def export_onnx(
     batch_size: int = 16,
     progress: ProgressFn = no_progress,
 ) -> ExportResult:
-    """Export a classifier (folder, Hub id, ``load_model`` object; the bundled one when None) to ONNX.
+    """Export a classifier (folder, Hub id, ``load_model`` object or ``LoadedModel``; the bundled one when
+    None) to ONNX.
 
     ``out_path`` defaults to ``<checkpoint folder>/model.onnx`` (only for a local folder cxrcae may write
     into); a folder means ``<folder>/model.onnx``. The file is checked with onnxruntime against PyTorch
@@ -316,14 +327,14 @@ def export_onnx(
     if int(opset) not in OPSETS:
         raise CxrcaeError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
     start = time.perf_counter()
-    ref, folder = resolve_classifier(model_ref)
+    loaded = onnx_model(model_ref)
     if out_path is None:
-        target = _default_output(folder, ref)
+        target = _default_output(loaded.folder, loaded.ref)
     else:
         target = Path(out_path).expanduser()
         if target.is_dir():
             target = target / ONNX_NAME
-    net, config, sha = fp32_classifier(ref, folder)
+    net, config, sha = fp32_classifier(loaded)
     size = int(config["image_size"])
 
     progress("onnx export", 0, 1)
@@ -372,9 +383,9 @@ def export_onnx(
 
 
 def onnx_classifier(
-    model: Any, progress: ProgressFn = no_progress, threads: int | None = None
-) -> tuple[OnnxClassifier, dict[str, Any]]:
-    """An onnxruntime runner for a classifier and its config, for ``predict --backend onnxruntime``
+    loaded: LoadedModel, progress: ProgressFn = no_progress, threads: int | None = None
+) -> OnnxClassifier:
+    """The onnxruntime runner of a resolved classifier, for ``predict --backend onnxruntime``
     (``threads``: onnxruntime's intra-op threads; None: its default, one per core).
 
     A checkpoint folder's ``model.onnx`` is used when present (refused when it belongs to another
@@ -382,29 +393,13 @@ def onnx_classifier(
     file that is gone once the session has loaded it.
     """
     require_onnxruntime()
-    ref = _model_ref(model)
-    if not isinstance(ref, nn.Module):
-        folder = resolve_checkpoint(ref)
-        config = classifier_config(folder, ref)
-        existing = folder / ONNX_NAME
+    loaded.task.require_option("onnx", "the onnxruntime backend")
+    if loaded.folder is not None:
+        existing = loaded.folder / ONNX_NAME
         if existing.is_file():
             runner = OnnxClassifier(existing, threads)
-            runner.check_matches(config, folder)
-            return runner, config
-        ref = folder
+            runner.check_matches(loaded.config, loaded.folder)
+            return runner
     with tempfile.TemporaryDirectory(prefix="cxrcae-onnx-") as tmp:
-        result = export_onnx(ref, Path(tmp) / ONNX_NAME, progress=progress)
-        runner = OnnxClassifier(result.path, threads)
-    config = ref.cxrcae_config if isinstance(ref, nn.Module) else read_config(ref)
-    return runner, config
-
-
-def classifier_config(folder: Path, ref: Any) -> dict[str, Any]:
-    """The config.json of ``folder``, refused unless it is a classifier's (before any runtime is loaded)."""
-    config = read_config(folder)
-    if config.get("kind") != "classifier":
-        raise CheckpointError(
-            f"{ref} is a checkpoint of kind {config.get('kind')!r}; this needs a fine-tuned classifier "
-            "(cxrcae finetune); for an autoencoder use `cxrcae reconstruct`"
-        )
-    return config
+        result = export_onnx(loaded, Path(tmp) / ONNX_NAME, progress=progress)
+        return OnnxClassifier(result.path, threads)

@@ -40,6 +40,7 @@ from cxrcae._atomic import atomic_write_bytes, atomic_write_text
 from cxrcae.data.records import load_records
 from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CheckpointError, CxrcaeError
+from cxrcae.hub.resolve import LoadedModel
 from cxrcae.infer.onnx import (
     DEFAULT_OPSET,
     HAVE_ONNX,
@@ -48,12 +49,11 @@ from cxrcae.infer.onnx import (
     INSTALL_HINT,
     META,
     OnnxClassifier,
-    classifier_config,
     classifier_proto,
     fp32_classifier,
+    onnx_model,
     read_only_reason,
     require_onnxruntime,
-    resolve_classifier,
     set_metadata,
     weights_sha256,
 )
@@ -309,8 +309,8 @@ def quantize_onnx(
     seed: int = 0,
     progress: ProgressFn = no_progress,
 ) -> QuantizeResult:
-    """Write the int8 graph of a classifier (folder, Hub id, in-memory model; bundled when None) with its
-    measured agreement with fp32 (see the module docstring).
+    """Write the int8 graph of a classifier (folder, Hub id, in-memory model or ``LoadedModel``; bundled when
+    None) with its measured agreement with fp32 (see the module docstring).
 
     ``calibrate``: training images (files, folders, globs or a manifest CSV); a seeded sample of
     ``calibration_images`` calibrates the activation ranges. Agreement is measured on ``check_images`` when
@@ -320,10 +320,10 @@ def quantize_onnx(
     (its figures say so)."""
     _require_quantization()
     start = time.perf_counter()
-    ref, folder = resolve_classifier(model_ref)
-    net, config, sha = fp32_classifier(ref, folder)
+    loaded = onnx_model(model_ref)
+    net, config, sha = fp32_classifier(loaded)
     if out_path is None:
-        target = _default_output(folder, sha)
+        target = _default_output(loaded.folder, sha)
     else:
         target = Path(out_path).expanduser()
         if target.is_dir():
@@ -440,20 +440,18 @@ def recorded_agreement(metadata: dict[str, str]) -> Agreement | None:
         return None
 
 
-def int8_classifier(
-    model: Any, force: bool = False, threads: int | None = None
-) -> tuple[OnnxClassifier, dict[str, Any]]:
-    """The int8 runner and config of a checkpoint, for ``predict --backend onnxruntime-int8``.
+def int8_classifier(loaded: LoadedModel, force: bool = False, threads: int | None = None) -> OnnxClassifier:
+    """The int8 runner of a resolved classifier, for ``predict --backend onnxruntime-int8``.
 
     Reads ``<folder>/model.int8.onnx``, else the cache file of its weights; refuses one built from other
     weights, and (unless ``force``) one whose recorded agreement with fp32 misses ``AGREEMENT_BAR``.
     ``threads``: onnxruntime's intra-op threads (None: one per core).
     """
     require_onnxruntime()
-    ref, folder = resolve_classifier(model)
+    loaded.task.require_option("onnx", "the onnxruntime-int8 backend")
+    folder, config = loaded.folder, loaded.config
     if folder is None:
         raise CxrcaeError("the int8 backend needs a checkpoint folder; save the model and export it first")
-    config = classifier_config(folder, ref)
     sha = weights_sha256(folder, config)
     build = f"cxrcae export {folder} --onnx --int8 --calibrate TRAINING_IMAGES"
     path = next((p for p in (folder / INT8_NAME, int8_cache_path(sha)) if p.is_file()), None)
@@ -471,4 +469,4 @@ def int8_classifier(
             f"{bar['min_images']} images, <= {bar['max_prob_diff']}); use --backend onnxruntime, or "
             "--force-int8 to use it anyway"
         )
-    return runner, config
+    return runner

@@ -1,5 +1,9 @@
 """Prediction rows to CSV, JSON or JSONL, streamed into a temp file and renamed into place at the end.
 
+A row is ``Prediction.to_dict()``: JSON and JSONL hold it as it is; a CSV has the columns of its model's
+``RowLayout``: path, status, the task's CSV columns (``Task.prediction_columns``, cells from
+``Task.prediction_cells``), reason, the files predict features wrote, and the screen's three columns.
+
 Streaming keeps memory flat for any number of rows; the rename means a reader never sees half a file and
 an interrupted run leaves the previous output (if any) untouched. ``read_predictions`` reads any of the
 three formats back to the same dicts, which is what the round-trip tests check.
@@ -17,18 +21,20 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cxrcae._atomic import AtomicFile, WriteError, as_write_error, sweep_temporaries
 from cxrcae.errors import CxrcaeError, add_note
 from cxrcae.locking import hold
+from cxrcae.tasks import get_task
 
 FORMATS = (".csv", ".json", ".jsonl")
-BASE_COLUMNS = ("path", "status", "label", "probability", "top_class")
-TAIL_COLUMNS = ("top_k", "reason", "explanation", "out_of_distribution", "ood_score", "ood_reason")
+HEAD_COLUMNS = ("path", "status")
+SCREEN_COLUMNS = ("out_of_distribution", "ood_score", "ood_reason")
 
 
 def output_format(path: str | Path) -> str:
@@ -40,19 +46,58 @@ def output_format(path: str | Path) -> str:
 
 
 def prob_column(name: str) -> str:
-    """The column holding the probability of class ``name`` in prediction files."""
+    """The column holding the probability of class ``name`` in a classifier's prediction files."""
     return f"prob_{name}"
 
 
-class PredictionWriter:
-    """``with PredictionWriter(path, names) as w: w.write(row)``; rows shaped like ``Prediction.to_dict``."""
+@dataclass(frozen=True)
+class RowLayout:
+    """The CSV columns of one model's prediction rows and how a row's task values become their cells."""
 
-    def __init__(self, path: str | Path, class_names: Sequence[str], journal: RowJournal | None = None):
+    task_columns: tuple[str, ...]
+    cells: Callable[[dict[str, Any]], dict[str, Any]]
+    file_columns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, task: Any, config: dict[str, Any], file_columns: Sequence[str] = ()) -> RowLayout:
+        """The layout of a task (``cxrcae.tasks.Task``) and its model's config."""
+        return cls(
+            tuple(task.prediction_columns(config)),
+            lambda values: task.prediction_cells(values, config),
+            tuple(file_columns),
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        return [*HEAD_COLUMNS, *self.task_columns, "reason", *self.file_columns, *SCREEN_COLUMNS]
+
+    def flat(self, row: dict[str, Any]) -> dict[str, Any]:
+        fixed = {*HEAD_COLUMNS, "reason", *self.file_columns, *SCREEN_COLUMNS}
+        values = {k: v for k, v in row.items() if k not in fixed}
+        cells = {c: row.get(c) for c in (*HEAD_COLUMNS, "reason", *self.file_columns, *SCREEN_COLUMNS)}
+        task_cells = self.cells(values)
+        cells.update({c: task_cells.get(c, values.get(c)) for c in self.task_columns})
+        return {c: _cell(cells.get(c)) for c in self.columns}
+
+
+def _classifier_layout(class_names: Sequence[str]) -> RowLayout:
+    """A classifier's layout from its class names alone (what ``PredictionWriter`` took before layouts)."""
+    return RowLayout.of(get_task("classify"), {"class_names": list(class_names)}, ("explanation",))
+
+
+class PredictionWriter:
+    """``with PredictionWriter(path, layout) as w: w.write(row)``; rows shaped like ``Prediction.to_dict``.
+
+    ``layout`` is the model's ``RowLayout`` (a list of class names is a classifier's)."""
+
+    def __init__(
+        self, path: str | Path, layout: RowLayout | Sequence[str], journal: RowJournal | None = None
+    ):
         self.path = Path(path).expanduser()
         self.journal = journal  # every row also goes there (unless it came from there), for --resume
         self.format = output_format(self.path)
-        self.class_names = list(class_names)
-        self.columns = [*BASE_COLUMNS, *(prob_column(c) for c in self.class_names), *TAIL_COLUMNS]
+        self.layout = layout if isinstance(layout, RowLayout) else _classifier_layout(layout)
+        self.columns = self.layout.columns
         self.count = 0
         self._target: AtomicFile | None = None
         self._file: Any = None
@@ -72,7 +117,7 @@ class PredictionWriter:
         if self.journal is not None:
             self.journal.record(row["path"], {"row": row})
         if self.format == ".csv":
-            self._csv.writerow(self._flat(row))
+            self._csv.writerow(self.layout.flat(row))
         else:
             text = json.dumps(row, allow_nan=False, default=str)
             if self.format == ".json":
@@ -80,14 +125,6 @@ class PredictionWriter:
             else:
                 self._file.write(text + "\n")
         self.count += 1
-
-    def _flat(self, row: dict[str, Any]) -> dict[str, Any]:
-        probs = row.get("probabilities") or {}
-        flat = {c: _cell(row.get(c)) for c in (*BASE_COLUMNS, *TAIL_COLUMNS)}
-        flat["top_k"] = ";".join(f"{name}:{p!r}" for name, p in row.get("top_k") or [])
-        for name in self.class_names:
-            flat[prob_column(name)] = _cell(probs.get(name))
-        return flat
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:  # an interrupted run leaves the previous output (if any) untouched
@@ -107,7 +144,8 @@ def _cell(value: Any) -> Any:
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a predictions file as dicts shaped like ``Prediction.to_dict()``."""
+    """Rows of a predictions file as dicts shaped like ``Prediction.to_dict()`` (a CSV in a classifier's
+    layout; JSON and JSONL of any task)."""
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".json":

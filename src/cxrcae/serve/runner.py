@@ -1,6 +1,7 @@
 """The model behind the server: loaded once, guarded by a bounded queue, run on its own threads.
 
-``ModelRunner`` loads the classifier once (a folder, a Hub id, the bundled default or an in-memory model) and
+``ModelRunner`` resolves the classifier once into a ``LoadedModel`` (a folder, a Hub id, the bundled default,
+an in-memory model; a task without the ``serve`` option is refused in one line), with its OOD screen, and
 answers one upload at a time per worker thread, each thread with its own copy of the network (Grad-CAM hooks
 a layer, so two explanations must not share one). Admission is a counter, not an unbounded queue: at most
 ``queue_size`` requests hold a slot (reading their body, waiting for a worker, or running); one more is
@@ -8,9 +9,9 @@ refused at once with ``QueueFull``, which the app turns into 503 + Retry-After, 
 in bounded memory instead of piling up.
 
 Each prediction goes through ``cxrcae.infer.prediction.iter_predictions`` on a private copy of the upload,
-so decoding (DICOM windowing, EXIF orientation, resize mode from config.json), temperature and every field
-``Prediction.to_dict()`` carries (an out-of-distribution flag where the model has one) are exactly those of
-``cxrcae predict``.
+with the same loaded model (the worker's copy of its network swapped in), so decoding (DICOM windowing, EXIF
+orientation, resize mode from config.json), temperature, the screen and every field ``Prediction.to_dict()``
+carries are exactly those of ``cxrcae predict``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrcae.data.stream import iter_batches
 from cxrcae.errors import CxrcaeError, ImageLoadError
-from cxrcae.hub.resolve import download_commit, in_hub_cache, load_model, parse_repo_ref
-from cxrcae.infer.batches import load_for_inference
+from cxrcae.hub.resolve import LoadedModel, download_commit, in_hub_cache, parse_repo_ref
 from cxrcae.infer.explain import DEFAULT_LAYER, GradCAM
-from cxrcae.infer.prediction import Prediction, iter_predictions, model_folder
+from cxrcae.infer.prediction import Prediction, iter_predictions, prediction_model
 from cxrcae.io import load_for_model, load_xray, resize_xray
 from cxrcae.models.checkpoint import CARD_NAME
-from cxrcae.ood.screen import Screen
 from cxrcae.runtime import precision_name, resolve_device, resolve_precision
 from cxrcae.serve.render import PREVIEW_SIZE, dicom_display, overlay_png, preview_png, shrink
 from cxrcae.serve.uploads import private_copy
@@ -94,14 +92,14 @@ class ModelRunner:
                 f"the queue ({queue_size}) must hold at least one request per worker ({workers})"
             )
         self.device = resolve_device(device)
-        ref = model_folder(model)  # the bundled default filled in, a Hub id downloaded, a module as is
-        net = ref if isinstance(ref, nn.Module) else load_model(ref, self.device)
-        net, config = load_for_inference(net, self.device, kind="classifier")
+        # resolved once (the bundled default filled in, a Hub id downloaded), with its screen and guard
+        self.loaded = prediction_model(model, str(self.device), ood=True)
+        self.loaded.task.require_option("serve", "serve")
+        net, config = self.loaded.net, self.loaded.config
         self.workers = int(workers)
         self.capacity = int(queue_size)
         self.precision = precision_name(resolve_precision(precision, self.device, int(config["image_size"])))
-        self.info = describe_model(model, ref, net, config)
-        self.screen = _guard_screen(ref, config, self.device)
+        self.info = describe_model(model, self.loaded)
         self._nets: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         self._nets.put(net)
         for _ in range(self.workers - 1):
@@ -187,16 +185,15 @@ class ModelRunner:
 
     def _row(self, net: nn.Module, path: Path) -> Prediction:
         (pred,) = iter_predictions(
-            [path], net, batch_size=1, num_workers=0, device=str(self.device), precision=self.precision
+            [path],
+            replace(self.loaded, net=net),  # this worker's network; the screen (and guard) loaded once
+            batch_size=1,
+            num_workers=0,
+            device=str(self.device),
+            precision=self.precision,
         )  # one file named explicitly: exactly one row
         if pred.status == "error":
             raise ImageLoadError("upload", pred.reason or "unreadable image")
-        if pred.ok and self.screen is not None:
-            # iter_predictions screens an in-memory model by header and content only; the checkpoint's
-            # guard autoencoder (loaded once here, not per request) adds its verdict as predict would
-            size, mode = self.info.image_size, self.info.resize_mode
-            batch = next(iter_batches([str(path)], size, mode, batch_size=1, facts=True))
-            self.screen.check(batch.images, batch.facts)[0].apply(pred)
         return pred
 
     def _model_input(self, path: Path, fmt: str, full: np.ndarray) -> np.ndarray:
@@ -219,14 +216,6 @@ class ModelRunner:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _guard_screen(ref: Any, config: dict[str, Any], device: torch.device) -> Screen | None:
-    """The out-of-distribution screen with the checkpoint's guard autoencoder, or None without one."""
-    if isinstance(ref, nn.Module):
-        return None
-    screen = Screen.for_model(ref, config, device)
-    return screen if screen.guard is not None else None
-
-
 def public_row(pred: Prediction) -> dict[str, Any]:
     """``Prediction.to_dict()`` without the scratch-file fields, every other key passed through as JSON."""
     return {k: _plain(v) for k, v in pred.to_dict().items() if k not in _HIDDEN}
@@ -246,14 +235,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def describe_model(model: Any, ref: Any, net: nn.Module, config: dict[str, Any]) -> ModelInfo:
+def describe_model(model: Any, loaded: LoadedModel) -> ModelInfo:
     """Id (Hub id, ``bundled:default``, folder name or ``in-memory``) and version (Hub commit, else the
     weights' sha256), plus the card and config a client may want to read."""
     card = None
-    if isinstance(ref, nn.Module):
+    net, config, folder = loaded.net, loaded.config, loaded.folder
+    if folder is None:
         model_id, commit = "in-memory", None
     else:
-        folder = Path(ref)
         commit = download_commit(folder) if in_hub_cache(folder) else None
         if model is None or model == "":
             model_id = BUNDLED_ID

@@ -33,7 +33,7 @@ from cxrcae.eval.paired import Scores
 from cxrcae.eval.probe import Features, ProbeData, encode_records, fit_probe, write_probe
 from cxrcae.hub.encoders import resolve_encoder
 from cxrcae.hub.resolve import load
-from cxrcae.infer.batches import collect_logits
+from cxrcae.infer.batches import collect_outputs
 from cxrcae.progress import ProgressFn, no_progress
 from cxrcae.runtime import resolve_device, resolve_precision
 from cxrcae.study.spec import Arm, Recipe, StudySpec, slug
@@ -117,7 +117,7 @@ def checkpoint_scores(
     device = resolve_device(spec.device)
     model = load(best, device)
     records = [r for r in spec.test_records(splits) if r.split == "test"]
-    logits, ok, errors = collect_logits(
+    logits, ok, errors = collect_outputs(
         model.net,
         model.config,
         [str(r.path) for r in records],

@@ -12,22 +12,34 @@ by the checkpoint's config.json (``task``; older checkpoints have only ``kind`` 
 - ``probabilities(outputs, config)``: how raw outputs become what users read (class probabilities,
   per-label probabilities, masks), calibration included;
 - ``metric_names``: the validation metrics it reports each epoch (the training table shows them);
-- ``card_summary(config)``: the sentence the model card says about what the model predicts;
+- ``card_summary(config)``: the sentence the model card says about what the model predicts, and
+  ``pipeline_tag``, the card's Hub pipeline tag;
 - for evaluation (``cxrcae evaluate``): ``targets`` (what the records say the answer is, as an array
   aligned with the outputs), ``score`` (metrics.json's body, with patient-bootstrap CIs), ``metric_rows``
   (the table a user reads) and ``evaluation_files`` (plots or overlays beside metrics.json);
 - for prediction (``cxrcae predict``): ``prediction_columns`` / ``prediction_row`` (the CSV row of one
   image) and ``prediction_files`` (files written per image, e.g. masks and overlays);
+- ``options``: the switches only some tasks have (classify: ``top_k``, ``threshold``, ``explain``,
+  ``onnx``, ``calibrate``, ``bins``, ``serve``); a command given one its model's task lacks refuses it in
+  one line (``require_option``), so no command ever asks which task it runs;
 - for fine-tuning on labelled data (``cxrcae finetune --task NAME``): ``target_fields`` (what the training
   records say the outputs are, e.g. ``class_names``, checked against validation), ``dataset`` (items whose
   ``"label"`` is this task's target: a class index, a 0/1 vector, masks), ``weighting`` (``--balance``) and
   ``training_notes``. ``uses_label_column`` says whether a record needs the manifest's ``label`` column.
+
+Hooks added for what classify always did and other tasks may do too (each has a default that composes the
+ones above, so a task that implements only those still evaluates and predicts): ``evaluation_records``
+(which records carry an answer), ``score_outputs`` (metrics from raw outputs), ``evaluation_row`` (a row of
+evaluate's predictions.csv), ``summary`` (the headline figures), ``prediction_blank`` /
+``prediction_cells`` / ``prediction_display`` / ``flag_uncertain`` (a row without an answer, its CSV cells,
+its terminal cells, an answer flagged out of distribution).
 
 A new task is one module with a ``Task`` subclass, one line in ``cxrcae.tasks.TASKS``, and its tests.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +50,7 @@ import torch
 from torch import nn
 
 from cxrcae.data.records import Record
-from cxrcae.errors import CheckpointError, DataError
+from cxrcae.errors import CheckpointError, CxrcaeError, DataError
 from cxrcae.io.decoded import DecodedCache
 
 
@@ -115,8 +127,19 @@ class Task:
     kind: str = ""
     description: str = ""
     labelled: bool = True
-    """Whether training needs labels (reconstruction does not)."""
+    """Whether training needs labels (reconstruction does not); only labelled tasks predict and evaluate."""
     metric_names: tuple[str, ...] = ()
+    pipeline_tag: str = "image-feature-extraction"
+    """The Hugging Face Hub pipeline tag of its model cards (``cxrcae.hub.card``)."""
+    options: frozenset[str] = frozenset()
+    """Task-specific switches (see the module docstring). Those that are values (``top_k``,
+    ``threshold`` for ``prediction_row``; ``bins`` for ``score``) reach the hooks as keyword arguments,
+    and only when set."""
+
+    def require_option(self, option: str, flag: str) -> None:
+        """Refuse, in one line, a switch (``flag`` as the user wrote it) that this task does not have."""
+        if option not in self.options:
+            raise CxrcaeError(f"{flag} is not available for a {self.name!r} model ({self.description})")
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
@@ -147,6 +170,13 @@ class Task:
         A record without a usable answer raises a one-line ``DataError`` naming its file or column."""
         raise DataError(f"task {self.name!r} has no labelled evaluation")
 
+    def evaluation_records(
+        self, records: Sequence[Record], config: dict[str, Any], where: str | Path
+    ) -> tuple[list[Record], list[str]]:
+        """The records that can be scored (others dropped, each drop said in a note), and notes about them;
+        a record set this model cannot be scored on at all is a one-line ``DataError``. By default all."""
+        return list(records), []
+
     def score(
         self,
         probabilities: np.ndarray,
@@ -161,9 +191,48 @@ class Task:
         ``groups`` (patient ids, so one patient's images are resampled together)."""
         raise DataError(f"task {self.name!r} has no labelled evaluation")
 
+    def score_outputs(
+        self,
+        outputs: np.ndarray,
+        targets: np.ndarray,
+        groups: Sequence[str],
+        config: dict[str, Any],
+        *,
+        n_boot: int = 1000,
+        seed: int = 0,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """metrics.json's body from the raw outputs: ``score`` of their ``probabilities`` by default (a task
+        that can say more from raw outputs, such as classify's ECE before calibration, adds it)."""
+        probabilities = self.probabilities(outputs, config)
+        return self.score(probabilities, targets, groups, config, n_boot=n_boot, seed=seed, **options)
+
     def metric_rows(self, metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         """(headers, rows) of the table ``evaluate`` prints; readable at 80 columns."""
         return ["metric", "value"], [[k, str(v)] for k, v in metrics.items() if not isinstance(v, dict)]
+
+    def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        """The headline figures (name, text) that ``evaluate`` prints under its table and the HTML report
+        lists; none by default (the ``metric_rows`` table says it all)."""
+        return []
+
+    def evaluation_row(
+        self,
+        row: dict[str, Any],
+        record: Record,
+        probabilities: np.ndarray | None,
+        config: dict[str, Any],
+    ) -> dict[str, Any]:
+        """One row of evaluate's predictions.csv: ``row`` holds path, patient_id, source, set, the subgroup
+        columns, status and reason; ``probabilities`` is None for an image that could not be read. By
+        default the ``prediction_row`` cells go between status and reason."""
+        values = (
+            self.prediction_blank(config)
+            if probabilities is None
+            else self.prediction_row(probabilities, config)
+        )
+        head = {k: v for k, v in row.items() if k != "reason"}
+        return {**head, **self.prediction_cells(values, config), "reason": row.get("reason", "")}
 
     def evaluation_files(
         self,
@@ -184,8 +253,33 @@ class Task:
         return []
 
     def prediction_row(self, probabilities: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
-        """One image's CSV columns from its ``probabilities`` (this task's output for that image)."""
+        """One image's CSV columns from its ``probabilities`` (this task's output for that image). A task
+        may return values as JSON holds them (lists, dicts: what ``--output x.json`` and ``cxrcae.predict``
+        give) and turn them into CSV cells in ``prediction_cells``. Options the task declares (``top_k``,
+        ``threshold``) arrive as keyword arguments when the user set them."""
         return {}
+
+    def prediction_blank(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The ``prediction_row`` of an image without an answer (unreadable, refused): every column empty."""
+        return {c: None for c in self.prediction_columns(config)}
+
+    def prediction_cells(self, values: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+        """The CSV cells (``prediction_columns``) of one row's values: by default the values themselves,
+        lists and dicts as JSON text."""
+        return {c: _cell(values.get(c)) for c in self.prediction_columns(config)}
+
+    def prediction_display(
+        self, values: dict[str, Any], config: dict[str, Any], **options: Any
+    ) -> dict[str, Any]:
+        """The terminal table's cells (column -> text or number) of an answered image, after its file
+        name: by default its CSV cells. A ``note`` column, if any, is where predict says why an image was
+        flagged."""
+        return self.prediction_cells(values, config)
+
+    def flag_uncertain(self, values: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+        """The values of an answer whose input the screen flagged out of distribution (``cxrcae.ood.screen``):
+        unchanged by default (the row says ``out_of_distribution``); classify's label becomes "uncertain"."""
+        return values
 
     def prediction_files(
         self,
@@ -235,6 +329,12 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, allow_nan=False, default=str)
+    return value
 
 
 def _numpy(outputs: torch.Tensor | np.ndarray) -> np.ndarray:

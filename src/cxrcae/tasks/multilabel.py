@@ -97,6 +97,7 @@ class MultiLabel(Task):
     name = "multilabel"
     kind = "multilabel"
     description = "multi-label finding detection (one probability per label)"
+    pipeline_tag = "image-classification"
     metric_names = MultiLabelBCE.monitor_metrics
     balance_modes = ("none", "loss")
 

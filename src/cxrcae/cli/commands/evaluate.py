@@ -1,4 +1,4 @@
-"""``cxrcae evaluate``: metrics with 95% CIs, calibration, subgroup breakdowns, figures and a report."""
+"""``cxrcae evaluate``: metrics with 95% CIs, subgroup breakdowns, figures and a report, for any task."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from cxrcae.cli.common import (
 @app.command("evaluate")
 def evaluate_command(
     model: Annotated[
-        str, typer.Argument(help="Classifier checkpoint folder or Hub id user/repo@rev (rev optional).")
+        str, typer.Argument(help="Fine-tuned checkpoint folder or Hub id user/repo@rev (rev optional).")
     ],
     data: Annotated[
         Path,
@@ -52,15 +52,22 @@ def evaluate_command(
     calibrate: Annotated[
         bool,
         typer.Option(
-            "--calibrate", help="First fit a temperature on the val rows and store it in config.json."
+            "--calibrate",
+            help="First fit a temperature on the val rows and store it in config.json (classifiers).",
         ),
     ] = False,
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs (0 = none).")
     ] = 1000,
     bins: Annotated[
-        int, typer.Option("--bins", min=2, help="Confidence bins for ECE / reliability diagram.")
-    ] = 15,
+        int | None,
+        typer.Option(
+            "--bins",
+            min=2,
+            help="Confidence bins for ECE / reliability diagram (classifiers).",
+            show_default="15",
+        ),
+    ] = None,
     html: Annotated[
         bool, typer.Option("--html/--no-html", help="Also write a single-file report.html.")
     ] = True,
@@ -72,11 +79,12 @@ def evaluate_command(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a classifier: per-class and macro/weighted metrics with 95% bootstrap CIs.
+    """Evaluate a fine-tuned model with its task's metrics and 95% bootstrap CIs (a classifier: per-class
+    and macro/weighted metrics, ECE).
 
-    Patients are resampled when the data has patient ids. Also ECE, per-subgroup metrics (--by; per
-    source by default) with small subgroups marked, and metrics.json, predictions.csv, PNG figures and
-    report.html in the output folder. Data without a split column is an external set.
+    Patients are resampled when the data has patient ids. Also per-subgroup metrics (--by; per source by
+    default) with small subgroups marked, and metrics.json, predictions.csv, PNG figures and report.html in
+    the output folder. Data without a split column is an external set.
     """
     from cxrcae.cli.common import progress_bar
     from cxrcae.eval.evaluation import evaluate
@@ -112,7 +120,6 @@ def evaluate_command(
 
 def render(result) -> None:
     from cxrcae.eval.evaluation import describe_set
-    from cxrcae.eval.report import fmt_ci
     from cxrcae.eval.subgroups import FEW_CLASS_N, SMALL_GROUP_N
 
     m = result.metrics
@@ -135,25 +142,15 @@ def render(result) -> None:
             "wide intervals, read as unknown",
             highlight=False,
         )
-    cal = m["calibration"]
-    lines = [
-        f"accuracy {fmt_ci(m['accuracy'], ci.get('accuracy'))}",
-        f"ECE {fmt_ci(cal['ece'], ci.get('ece'))}",
-        f"NLL {cal['nll']:.4f}",
-        f"Brier {cal['brier']:.4f}",
-    ]
-    if cal.get("temperature", 1.0) != 1.0:
-        lines.append(
-            f"temperature {cal['temperature']:.3f} (uncalibrated ECE {cal.get('ece_uncalibrated', 0):.4f})"
-        )
-    console.print(" | ".join(lines), highlight=False)
+    if summary := result.summary():
+        console.print(" | ".join(f"{name} {text}" for name, text in summary), highlight=False)
     if ci:
         console.print(
             f"95% CIs: {ci['n_resamples']} bootstrap resamples of {ci['n_units']} {ci['unit']}s "
             f"(seed {ci['seed']})",
             highlight=False,
         )
-    fit = cal.get("fit")
+    fit = (m.get("calibration") or {}).get("fit")
     if fit:
         console.print(
             f"Calibrated on {fit['n']} val images: T={fit['temperature']:.3f}, "

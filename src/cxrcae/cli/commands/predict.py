@@ -1,11 +1,10 @@
-"""``cxrcae predict``: classify files, folders and globs; table, CSV/JSON/JSONL rows, exit 3 on bad files."""
+"""``cxrcae predict``: a model over files, folders, globs; table, CSV/JSON/JSONL rows, exit 3 on bad files."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -39,7 +38,7 @@ def predict_command(
         typer.Option(
             "--model",
             "-m",
-            help="Classifier checkpoint folder or Hub id user/repo@rev (rev optional).",
+            help="Fine-tuned checkpoint folder or Hub id user/repo@rev (rev optional).",
             show_default="bundled default model",
         ),
     ] = None,
@@ -55,17 +54,31 @@ def predict_command(
         ),
     ] = False,
     top_k: Annotated[
-        int | None, typer.Option("--top-k", min=1, help="Keep the k most likely classes per row.")
+        int | None,
+        typer.Option("--top-k", min=1, help="Keep the k most likely classes per row (classifiers)."),
     ] = None,
     threshold: Annotated[
         float | None,
         typer.Option(
-            "--threshold", min=0.0, max=1.0, help="Below this top probability the label is 'uncertain'."
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Below this top probability the label is 'uncertain' (classifiers).",
         ),
     ] = None,
     explain: Annotated[
         Path | None,
-        typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
+        typer.Option(
+            "--explain", help="Write a Grad-CAM overlay PNG per image into this folder (classifiers)."
+        ),
+    ] = None,
+    files: Annotated[
+        Path | None,
+        typer.Option(
+            "--files",
+            help="Write the files the model's task makes per image (masks, overlays) into this folder; "
+            "a classifier makes none.",
+        ),
     ] = None,
     batch_size: InferenceBatchOpt = 32,
     num_workers: MeasuredWorkersOpt = None,
@@ -81,7 +94,8 @@ def predict_command(
         Backend,
         typer.Option(
             "--backend",
-            help="torch, or onnxruntime (CPU, fp32; uses MODEL/model.onnx from `cxrcae export --onnx`, "
+            help="torch, or (classifiers) onnxruntime (CPU, fp32; uses MODEL/model.onnx from `cxrcae export "
+            "--onnx`, "
             "exported on the fly when absent; no --explain), or onnxruntime-int8 (CPU, int8; needs "
             "`cxrcae export --onnx --int8 --calibrate DATA`; refused unless it agrees with fp32).",
         ),
@@ -106,44 +120,27 @@ def predict_command(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Classify chest X-rays with a fine-tuned model (preprocessing is read from the checkpoint).
+    """Run a fine-tuned model over chest X-rays (preprocessing is read from the checkpoint).
 
-    One row per file, in input order. Unreadable files become error rows and the run goes on.
-    Out-of-distribution inputs are flagged (label 'uncertain', reason in the row) or, for DICOMs that are
-    not chest radiographs, refused (no class); see --no-ood.
-    Exit codes: 0 = every file answered (classified, flagged or refused); 3 = some files could not be read
+    One row per file, in input order: what the model's task answers (a classifier: label and class
+    probabilities). Unreadable files become error rows and the run goes on.
+    Out-of-distribution inputs are flagged (a classifier's label 'uncertain', reason in the row) or, for
+    DICOMs that are not chest radiographs, refused (no answer); see --no-ood.
+    Exit codes: 0 = every file answered (predicted, flagged or refused); 3 = some files could not be read
     (see their rows); 1 = nothing could run (bad model, no inputs).
     """
     from cxrcae.cli.common import progress_bar
-    from cxrcae.errors import CxrcaeError
-    from cxrcae.infer.prediction import iter_predictions, model_folder
-    from cxrcae.infer.writers import PredictionWriter, RowJournal, locked_output, output_format
-    from cxrcae.models.checkpoint import read_config
-    from cxrcae.ood.guard import has_guard
+    from cxrcae.infer.predict_run import run_predict
 
-    if output is not None:
-        output_format(output)  # fail before any work on a bad extension
-    elif resume:
+    if output is None and resume:
         raise typer.BadParameter("continues an --output run; give that --output", param_hint="--resume")
-    counts = {"ok": 0, "error": 0, "skipped": 0, "refused": 0, "flagged": 0}
-    shown: list[Any] = []
-    errors: list[Any] = []
-    rows_json: list[dict] = []
-    folder = model_folder(model)  # resolved once: the bundled default or a Hub id become a folder here
-    model_config = read_config(folder)
-    class_names = list(model_config.get("class_names", []))
-    with progress_bar(quiet or json_out) as progress, ExitStack() as stack:
-        writer = None
-        journal = None
-        if output is not None:  # one writer per output file; finished rows kept for --resume
-            stack.enter_context(locked_output(output))
-            settings = {"model": model_config.get("weights_sha256"), "top_k": top_k, "threshold": threshold}
-            settings |= {"explain": explain, "device": device, "precision": precision}
-            settings |= {"backend": backend.value, "ood": ood}
-            journal = stack.enter_context(RowJournal(output, settings, resume=resume))
-        stream = iter_predictions(
+    with progress_bar(quiet or json_out) as progress:
+        result = run_predict(
             paths,
-            folder,
+            model,
+            output=output,
+            resume=resume,
+            keep=None if json_out else show,
             batch_size=batch_size,
             num_workers=num_workers,  # None: chosen by timing the first batch
             device=device,
@@ -151,78 +148,51 @@ def predict_command(
             top_k=top_k,
             threshold=threshold,
             explain_dir=explain,
+            files_dir=files,
             recursive=recursive,
             backend=backend.value,
             ood=ood,
-            progress=progress,
             force_int8=force_int8,
-            reuse=journal.saved_row if journal is not None else None,
+            progress=progress,
         )
-        for pred in stream:
-            counts[pred.status] += 1
-            counts["flagged"] += pred.status == "ok" and bool(pred.out_of_distribution)
-            if pred.status == "error":
-                errors.append(pred)
-            if json_out:
-                rows_json.append(pred.to_dict())
-            elif len(shown) < show:
-                shown.append(pred)
-            if output is not None:
-                if writer is None:  # opened on the first row: no output file when there is nothing to write
-                    writer = stack.enter_context(PredictionWriter(output, class_names, journal))
-                writer.write(pred.to_dict())
-    total = sum(n for status, n in counts.items() if status != "flagged")  # flagged rows are also "ok"
-    if total == 0:
-        raise CxrcaeError(f"no files found in {', '.join(paths)}")
-
     if json_out:
-        print_json(rows_json)
+        print_json([p.to_dict() for p in result.rows])
     elif not quiet:
-        _render(shown, total, counts, output, explain, top_k)
-        if ood and not has_guard(folder, model_config):
-            console.print(
-                "[yellow]note:[/] this model has no OOD guard (ood.safetensors): only the DICOM header, "
-                "colour and blank-image checks ran; fit one with `cxrcae calibrate-ood MODEL DATA`",
-                highlight=False,
-            )
-    if errors:
+        _render(result)
+        for note in result.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if result.errors:
         if not json_out:
             err_console.print(
-                f"[yellow]{len(errors)} of {total} file(s) could not be read[/] "
+                f"[yellow]{len(result.errors)} of {result.total} file(s) could not be read[/] "
                 f"(exit code {EXIT_SOME_FAILED}).",
                 highlight=False,
             )
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _render(shown, total, counts, output, explain, top_k) -> None:
-    names: list[str] = next((list(p.probabilities) for p in shown if p.probabilities), [])
-    columns = ["file", "prediction", *names, "note"]
+def _render(result) -> None:
+    answered = [(p, result.display(p)) for p in result.rows if p.ok]
+    keys = [k for k in (answered[0][1] if answered else {"prediction": ""}) if k != "note"]
     rows = []
-    for p in shown:
-        if p.status == "ok":
-            note = ", ".join(f"{n} {v:.2f}" for n, v in p.top_k) if top_k else ""
+    for p in result.rows:
+        if p.ok:
+            cells = result.display(p)
+            note = str(cells.get("note", ""))
             if p.out_of_distribution:
                 note = "; ".join(x for x in (f"[yellow]out of distribution:[/] {p.ood_reason}", note) if x)
-            label = p.label if p.label == p.top_class else f"{p.label} ({p.top_class})"
-            rows.append([Path(p.path).name, label, *(p.probabilities[n] for n in names), note])
+            rows.append([Path(p.path).name, *(cells.get(k, "") for k in keys), note])
         else:
             style = {"error": "red", "refused": "yellow"}.get(p.status, "dim")
-            rows.append([Path(p.path).name, f"[{style}]{p.status}[/]", *([""] * len(names)), p.reason])
-    console.print(make_table(f"Predictions ({total} file(s))", columns, rows))
-    if total > len(shown):
-        more = f"; all rows in {output}" if output else "; use --output to save all of them"
-        console.print(f"... {total - len(shown)} more row(s) not shown{more}", highlight=False)
-    summary = (
-        f"{counts['ok']} classified, {counts['error']} unreadable, {counts['skipped']} skipped (not images)"
-    )
-    if counts["flagged"] or counts["refused"]:
-        summary += (
-            f"; {counts['flagged']} of the classified flagged out of distribution (label 'uncertain'), "
-            f"{counts['refused']} refused (not a chest radiograph)"
-        )
-    console.print(summary, highlight=False)
-    if output:
-        console.print(f"Wrote {output}", highlight=False)
-    if explain:
-        console.print(f"Grad-CAM overlays in {explain}", highlight=False)
+            rows.append([Path(p.path).name, f"[{style}]{p.status}[/]", *([""] * (len(keys) - 1)), p.reason])
+    console.print(make_table(f"Predictions ({result.total} file(s))", ["file", *keys, "note"], rows))
+    if result.total > len(result.rows):
+        more = f"; all rows in {result.output}" if result.output else "; use --output to save all of them"
+        console.print(f"... {result.total - len(result.rows)} more row(s) not shown{more}", highlight=False)
+    console.print(result.summary(), highlight=False)
+    if result.output:
+        console.print(f"Wrote {result.output}", highlight=False)
+    if result.explain_dir:
+        console.print(f"Grad-CAM overlays in {result.explain_dir}", highlight=False)
+    if result.files_dir:
+        console.print(f"Files per image in {result.files_dir}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cxrcae.cli.app import app
-from cxrcae.cli.common import DeviceOpt, JsonOpt, NumWorkersOpt, QuietOpt, SeedOpt, console, err_console
+from cxrcae.cli.common import DecodeWorkersOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, console, err_console
 
 LABELS = "Multi-label data"
 _LISTED = 5
@@ -90,7 +90,7 @@ def probe_command(
     ] = 1000,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    num_workers: NumWorkersOpt = 0,
+    num_workers: DecodeWorkersOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -105,6 +105,7 @@ def probe_command(
     from cxrcae.cli.common import print_json, progress_bar
     from cxrcae.data.labels import LabelSource
     from cxrcae.eval.probe import ProbeConfig, linear_probe
+    from cxrcae.runtime import default_workers
 
     cfg = ProbeConfig(
         image_size=image_size,
@@ -114,7 +115,7 @@ def probe_command(
         limit=limit,
         labels=LabelSource.from_options(label_columns, labels, label_sep),
         device=device,
-        num_workers=num_workers,
+        num_workers=default_workers(num_workers),
         n_bootstrap=bootstrap,
     )
     with progress_bar(quiet or json_out) as progress:
@@ -136,7 +137,7 @@ def _render(result: Any) -> None:
     from rich import box
     from rich.table import Table
 
-    from cxrcae.eval.report import fmt_ci
+    from cxrcae.metrics import fmt_ci
 
     enc, counts, m = result.encoder, result.counts, result.metrics
     ci = m.get("ci") or {}

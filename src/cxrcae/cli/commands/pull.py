@@ -43,6 +43,8 @@ def pull_command(
         "revision": result.revision or "main",
         "commit": result.commit,
         "kind": result.kind,
+        "task": result.task,
+        "predicts": result.summary,
         "folder": str(result.folder),
         "files": result.files,
         "image_size": result.config.get("image_size"),
