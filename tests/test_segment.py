@@ -376,4 +376,4 @@ def test_finetune_cli_trains_a_segmenter(cli, shapes, tmp_path):
     assert config["task"] == "segment" and config["structures"] == ["a", "b"]
 
     bad = cli("finetune", shapes, "--task", "reconstruct", "--encoder", "none", "--out", tmp_path / "x")
-    assert bad.exit_code == 2 and "choose classify, segment" in bad.output
+    assert bad.exit_code == 2 and "choose classify, multilabel, segment" in bad.output
