@@ -45,7 +45,6 @@ ARM_NAME = "arm.json"
 CELL_NAME = "cell.json"
 """A finished probe cell's summary."""
 SCORES_NAME = "test-scores.npz"
-NAMED_OUTPUTS = ("class_names", "label_names", "labels", "structures", "names")
 """config.json fields that may name a task's outputs, in the order they are looked for."""
 
 
@@ -133,7 +132,7 @@ def checkpoint_scores(
     kept = [records[i] for i in ok]
     probs = model.probabilities(torch.from_numpy(np.asarray(logits)))
     targets = model.task.targets(kept, model.config)
-    names = next((model.config[k] for k in NAMED_OUTPUTS if isinstance(model.config.get(k), list)), [])
+    names = model.task.output_names(model.config)
     scores = Scores.from_outputs(
         [str(r.path) for r in kept],
         [r.patient_id for r in kept],

@@ -162,6 +162,14 @@ class Task:
     def card_summary(self, config: dict[str, Any]) -> str:
         return self.description
 
+    output_key: str | None = None
+    """The config.json field naming the outputs (``class_names``, ``label_names``, ``structures``)."""
+
+    def output_names(self, config: dict[str, Any]) -> list[str]:
+        """The names of the model's outputs, in order (none for a task without named outputs)."""
+        names = config.get(self.output_key) if self.output_key else None
+        return [str(n) for n in names] if isinstance(names, list) else []
+
     # ------------------------------------------------------------------------------ evaluation
 
     def targets(self, records: Sequence[Record], config: dict[str, Any]) -> np.ndarray:

@@ -101,6 +101,7 @@ class Classification(Objective):
 class Classify(Task):
     name = "classify"
     kind = "classifier"
+    output_key = "class_names"
     description = "single-label image classification"
     pipeline_tag = "image-classification"
     metric_names = Classification.monitor_metrics

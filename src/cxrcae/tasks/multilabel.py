@@ -96,6 +96,7 @@ class MultiLabelBCE(Objective):
 class MultiLabel(Task):
     name = "multilabel"
     kind = "multilabel"
+    output_key = "label_names"
     description = "multi-label finding detection (one probability per label)"
     pipeline_tag = "image-classification"
     metric_names = MultiLabelBCE.monitor_metrics

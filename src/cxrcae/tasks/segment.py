@@ -164,6 +164,7 @@ class MaskDataset(Dataset):
 class Segment(Task):
     name = "segment"
     kind = "segmenter"
+    output_key = "structures"
     description = "per-pixel segmentation of anatomical structures, one mask each"
     metric_names = ("val_mean_dice",)
 
